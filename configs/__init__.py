@@ -1,0 +1,100 @@
+"""Configuration: the default schema, experiment presets and command-line overrides merged in one place.
+
+`load_config(files, overrides)` merges ``default.yaml`` ← each file ← ``key=value`` overrides. Every key must
+already exist in ``default.yaml`` (``trainer`` keys must be ``lightning.Trainer`` arguments), so a typo fails
+loudly with the closest valid key instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+STAGES = ("all", "autoencoder", "diffusion")
+TRAINABLE_PARTS = ("unet", "text_encoder", "vae")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used, with where it came from."""
+
+
+def _trainer_arguments() -> list[str]:
+    from lightning import Trainer
+
+    return [name for name in inspect.signature(Trainer.__init__).parameters if name != "self"]
+
+
+def _closest(key: str, candidates: Iterable[str], prefix: str = "") -> str:
+    matches = difflib.get_close_matches(key, [str(c) for c in candidates], n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{matches[0]}'?" if matches else ""
+
+
+def _check_known_keys(new: DictConfig, base: DictConfig, source: str, prefix: str = "") -> None:
+    for key in new:
+        path = f"{prefix}{key}"
+        if prefix == "" and key == "trainer":
+            valid = _trainer_arguments()
+            for trainer_key in new.trainer:
+                if trainer_key not in valid:
+                    raise ConfigError(
+                        f"unknown config key 'trainer.{trainer_key}' in {source}: not a lightning.Trainer "
+                        f"argument{_closest(str(trainer_key), valid, 'trainer.')}"
+                    )
+            continue
+        if key not in base:
+            raise ConfigError(f"unknown config key '{path}' in {source}{_closest(str(key), base.keys(), prefix)}")
+        new_value, base_value = new._get_node(key), base._get_node(key)
+        if isinstance(new_value, DictConfig) and isinstance(base_value, DictConfig):
+            _check_known_keys(new_value, base_value, source, prefix=f"{path}.")
+
+
+def _resolve_config_file(name: str | Path) -> Path:
+    """Accept a path, or a preset name relative to configs/ (``experiment/learnable_text_encoder``)."""
+    path = Path(name)
+    for candidate in (path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file '{name}' not found (looked for it as a path and under {CONFIG_DIR})")
+
+
+def _validate_values(cfg: DictConfig) -> None:
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got '{cfg.stage}'")
+    trainable = cfg.model.trainable
+    if not isinstance(trainable, ListConfig) or not set(trainable) <= set(TRAINABLE_PARTS) or not trainable:
+        raise ConfigError(f"model.trainable must be a non-empty list drawn from {TRAINABLE_PARTS}, got {trainable}")
+    if not 0.0 <= cfg.train.ucg_probability <= 1.0:
+        raise ConfigError(f"train.ucg_probability must be in [0, 1], got {cfg.train.ucg_probability}")
+    if cfg.model.prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type must be epsilon or v_prediction, got '{cfg.model.prediction_type}'")
+    if cfg.data.caption_section not in ("impression", "findings", "both"):
+        raise ConfigError(
+            f"data.caption_section must be impression, findings or both, got '{cfg.data.caption_section}'"
+        )
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge default ← files ← ``key=value`` overrides, rejecting unknown keys; interpolations are resolved."""
+    cfg = OmegaConf.load(DEFAULT_CONFIG)
+    for name in files:
+        path = _resolve_config_file(name)
+        file_cfg = OmegaConf.load(path)
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, not a list")
+        _check_known_keys(file_cfg, cfg, source=str(path))
+        cfg = OmegaConf.merge(cfg, file_cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. trainer.max_steps=100)")
+    dotlist = OmegaConf.from_dotlist(list(overrides))
+    _check_known_keys(dotlist, cfg, source="the command line")
+    cfg = OmegaConf.merge(cfg, dotlist)
+    OmegaConf.resolve(cfg)
+    _validate_values(cfg)
+    return cfg

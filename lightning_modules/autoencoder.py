@@ -1,0 +1,71 @@
+"""The autoencoder stage: train a KL-regularised VAE on the images alone, as latent diffusion does.
+
+A randomly initialised VAE has no usable latent space, so the embedded default trains a small one on the same data
+before the diffusion stage (``train.py`` caches it by data fingerprint). Perceptual and adversarial terms are left
+out: their networks need pretrained weights that do not exist offline.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torchmetrics import MeanMetric
+
+
+class AutoencoderModule(L.LightningModule):
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        learning_rate: float = 1e-3,
+        kl_weight: float = 1e-6,
+        reconstruction_loss: str = "l1",
+    ) -> None:
+        super().__init__()
+        if reconstruction_loss not in ("l1", "l2"):
+            raise ValueError(f"autoencoder.reconstruction_loss must be l1 or l2, got '{reconstruction_loss}'")
+        self.vae = vae
+        self.learning_rate, self.kl_weight = learning_rate, kl_weight
+        self.reconstruction_loss = F.l1_loss if reconstruction_loss == "l1" else F.mse_loss
+        self.val_mse = MeanMetric()
+        self.last_val_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reconstruct(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction through the posterior mode, in [-1, 1]."""
+        return self.vae.decode(self.vae.encode(pixel_values).latent_dist.mode()).sample.clamp(-1, 1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        images = batch["pixel_values"]
+        if len(images) == 0:
+            return None
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        rec_loss = self.reconstruction_loss(reconstruction, images)
+        kl = posterior.kl().mean()
+        loss = rec_loss + self.kl_weight * kl
+        self.log_dict({"autoencoder/loss": loss, "autoencoder/kl": kl}, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["pixel_values"]
+        if len(images) == 0:
+            return
+        reconstruction = self.reconstruct(images)
+        per_image = F.mse_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3))
+        self.val_mse.update(per_image)
+        if batch_idx == 0:
+            self.last_val_batch = (images[:8].cpu(), reconstruction[:8].cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("autoencoder/val_reconstruction_mse", self.val_mse.compute(), prog_bar=True, sync_dist=False)
+        self.val_mse.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.vae.parameters(), lr=self.learning_rate)
+
+    @torch.no_grad()
+    def latent_scaling_factor(self, batches) -> float:
+        """1 / std of posterior samples over some training batches: unit-variance latents for the diffusion stage."""
+        samples = [self.vae.encode(b["pixel_values"].to(self.device)).latent_dist.sample() for b in batches]
+        return float(1.0 / torch.cat(samples).flatten().std())

@@ -1,0 +1,168 @@
+"""Build or load the parts of a latent diffusion model (UNet, VAE, text encoder, tokenizer, noise schedule).
+
+One code path serves real and embedded use: each part comes from a local folder (``model.pretrained`` holds a
+diffusers pipeline folder such as Stable Diffusion 2 base; each part's own ``pretrained`` key overrides it) or is
+built from its architecture config with random initialisation. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from omegaconf import DictConfig
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SD_LATENT_SCALE = 0.18215
+
+
+@dataclass
+class DiffusionParts:
+    """Everything a latent diffusion model is made of; the LightningModule decides what trains."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    noise_scheduler: DDPMScheduler
+
+
+def resolve_model_folder(source: str | Path, what: str) -> Path:
+    """A local folder, or the name of an installed package that ships one (``get_model_path()``)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    module_name = str(source).replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        module = None
+    if module is not None and hasattr(module, "get_model_path"):
+        return Path(module.get_model_path())
+    raise FileNotFoundError(
+        f"{what}: '{source}' is neither a local folder nor an installed package shipping a model folder "
+        f"(expected a directory with config.json, or `pip install {source}`)"
+    )
+
+
+def _part_folder(part_source: str | None, pipeline_folder: str | None, subfolder: str, what: str) -> Path | None:
+    if part_source:
+        return resolve_model_folder(part_source, what)
+    if pipeline_folder:
+        folder = resolve_model_folder(pipeline_folder, "model.pretrained") / subfolder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.pretrained: '{pipeline_folder}' has no '{subfolder}/' folder for {what}")
+        return folder
+    return None
+
+
+def load_text_encoder(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any transformers encoder with a fast tokenizer; the tokenizer's context is capped at ``max_length``."""
+    folder = _part_folder(cfg.text_encoder.pretrained, cfg.pretrained, "text_encoder", "model.text_encoder")
+    if folder is None:
+        raise ValueError("model.text_encoder.pretrained (or model.pretrained) must name a local text encoder folder")
+    tokenizer_folder = folder.parent / "tokenizer" if (folder.parent / "tokenizer").is_dir() else folder
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    tokenizer.model_max_length = int(cfg.text_encoder.max_length)
+    # The diffusers pipelines read this flag to decide whether to pass the padding mask to the encoder.
+    encoder.config.use_attention_mask = bool(cfg.text_encoder.use_attention_mask)
+    return encoder, tokenizer
+
+
+def build_vae(cfg: DictConfig, resolution: int, folder: Path | None) -> AutoencoderKL:
+    """Load a trained VAE from a folder, or build a random one from ``model.vae``."""
+    if folder is not None:
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    channels = list(cfg.vae.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
+        layers_per_block=int(cfg.vae.layers_per_block),
+        latent_channels=int(cfg.vae.latent_channels),
+        norm_num_groups=min(32, channels[0]),
+        sample_size=resolution,
+        scaling_factor=float(cfg.vae.scaling_factor or SD_LATENT_SCALE),
+    )
+
+
+def vae_downsampling_factor(vae: AutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_unet(
+    cfg: DictConfig, folder: Path | None, latent_size: int, latent_channels: int, cross_attention_dim: int
+) -> UNet2DConditionModel:
+    """Load a UNet, or build one whose cross-attention width matches the text encoder's hidden size."""
+    if folder is not None:
+        unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+        if unet.config.cross_attention_dim != cross_attention_dim:
+            raise ValueError(
+                f"UNet from '{folder}' expects text features of width {unet.config.cross_attention_dim}, "
+                f"but the text encoder gives {cross_attention_dim}"
+            )
+        return unet
+    channels = list(cfg.unet.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=tuple(cfg.unet.down_block_types),
+        up_block_types=tuple(cfg.unet.up_block_types),
+        block_out_channels=tuple(channels),
+        layers_per_block=int(cfg.unet.layers_per_block),
+        attention_head_dim=int(cfg.unet.attention_head_dim),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=min(32, channels[0]),
+    )
+
+
+def build_noise_scheduler(cfg: DictConfig, folder: Path | None, prediction_type: str) -> DDPMScheduler:
+    if folder is not None:
+        return DDPMScheduler.from_pretrained(folder, local_files_only=True, prediction_type=prediction_type)
+    return DDPMScheduler(
+        num_train_timesteps=int(cfg.num_train_timesteps),
+        beta_start=float(cfg.beta_start),
+        beta_end=float(cfg.beta_end),
+        beta_schedule=str(cfg.beta_schedule),
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
+def sampling_scheduler(noise_scheduler: DDPMScheduler) -> DDIMScheduler:
+    """DDIM over the training schedule, with SD's sampling settings."""
+    return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def build_diffusion_parts(cfg: DictConfig, resolution: int, vae_folder: Path | None = None) -> DiffusionParts:
+    """All parts from ``model`` config; ``vae_folder`` (e.g. the autoencoder stage's output) wins over config."""
+    text_encoder, tokenizer = load_text_encoder(cfg)
+    if vae_folder is None:
+        if cfg.vae.pretrained == "auto":
+            raise ValueError("model.vae.pretrained=auto needs the folder written by the autoencoder stage")
+        vae_folder = _part_folder(cfg.vae.pretrained, cfg.pretrained, "vae", "model.vae")
+    vae = build_vae(cfg, resolution, vae_folder)
+    factor = vae_downsampling_factor(vae)
+    if resolution % factor:
+        raise ValueError(f"data.resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
+    unet = build_unet(
+        cfg,
+        _part_folder(cfg.unet.pretrained, cfg.pretrained, "unet", "model.unet"),
+        latent_size=resolution // factor,
+        latent_channels=vae.config.latent_channels,
+        cross_attention_dim=text_encoder.config.hidden_size,
+    )
+    scheduler_folder = _part_folder(None, cfg.pretrained, "scheduler", "model.scheduler")
+    noise_scheduler = build_noise_scheduler(cfg.scheduler, scheduler_folder, cfg.prediction_type)
+    return DiffusionParts(unet, vae, text_encoder, tokenizer, noise_scheduler)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

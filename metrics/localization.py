@@ -1,0 +1,195 @@
+"""Per-sample phrase-grounding localization metrics: how well a heatmap P points at a ground-truth mask.
+
+Definitions follow /work/shared/method.md, "Localization metrics" (Dombrowski et al., arXiv 2303.17908).
+Every function takes one 2-D heatmap and/or one 2-D boolean mask; `localization_scores` computes all
+of them for one sample, `metrics.grounding_metrics.PhraseGroundingMetrics` aggregates them.
+
+Conventions shared by all functions:
+- P is min-max normalised to [0, 1]; a constant map becomes all zeros.
+- Binarising P at a threshold t keeps the pixels strictly above t, so a constant map binarises to an
+  empty prediction whatever t is.
+- An undefined value (a 0/0) is NaN, never an exception, so one degenerate sample cannot stop an
+  evaluation; the aggregator leaves NaNs out of the mean and counts them.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+from sklearn.mixture import GaussianMixture
+
+LOCALIZATION_METRICS = ("iou", "miou", "auc", "cnr", "pointing")
+
+
+def iou_threshold_key(threshold: float) -> str:
+    """Name of the fixed-threshold IoU, e.g. 0.3 -> "iou@0.3"."""
+    return f"iou@{threshold:g}"
+
+
+def _check_2d(tensor: torch.Tensor, name: str) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a 2-D tensor (H, W), got {shape}")
+
+
+def _as_bool_mask(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Accept a bool mask or one holding only 0/1 (as uint8 or float masks do)."""
+    _check_2d(mask, name)
+    if mask.dtype == torch.bool:
+        return mask
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{name} must be boolean or hold only 0/1, got other values (dtype {mask.dtype})")
+    return mask.bool()
+
+
+def normalize_heatmap(p: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise to [0, 1] in float64; a constant map (no contrast) becomes all zeros."""
+    _check_2d(p, "heatmap")
+    p = p.detach().to(torch.float64)
+    if not torch.isfinite(p).all():
+        raise ValueError("heatmap contains NaN or inf")
+    low, high = p.min(), p.max()
+    if high == low:
+        return torch.zeros_like(p)
+    return (p - low) / (high - low)
+
+
+def heatmap_at_mask_size(p: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Normalised P at the mask's resolution (bilinear resize first when the sizes differ)."""
+    _check_2d(p, "heatmap")
+    p = p.detach().to(torch.float64)
+    if p.shape != gt.shape:
+        p = F.interpolate(p[None, None], size=tuple(gt.shape), mode="bilinear", align_corners=False)[0, 0]
+    return normalize_heatmap(p)
+
+
+def gmm_threshold(p: torch.Tensor, seed: int = 0) -> float:
+    """Threshold separating a map's low and high values: the mean of the two means of a 2-component
+    Gaussian mixture fitted to its values (sklearn, seeded, so the same map gives the same threshold).
+
+    With fewer than three distinct values no fit is needed: the two components are the values
+    themselves, so the threshold is the midpoint of min and max (the value itself for a constant map).
+    """
+    _check_2d(p, "heatmap")
+    values = p.detach().to(torch.float64).cpu().numpy().reshape(-1, 1)
+    low, high = values.min(), values.max()
+    if np.all((values == low) | (values == high)):
+        return float((low + high) / 2)
+    mixture = GaussianMixture(n_components=2, random_state=seed).fit(values)
+    return float(mixture.means_.mean())
+
+
+def remove_isolated_pixels(mask: torch.Tensor) -> torch.Tensor:
+    """3x3 majority filter that only removes: an on pixel stays on iff at least 5 of the 9 pixels of its
+    3x3 neighbourhood (itself included) are on; off pixels stay off.
+
+    Border rule: pixels outside the image count as off. Note that a rectangle loses its 4 corner pixels
+    (each sees only 4 of 9 on), wherever it lies.
+    """
+    mask = _as_bool_mask(mask, "mask")
+    on_counts = ndimage.convolve(mask.cpu().numpy().astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant")
+    return mask & torch.from_numpy(on_counts >= 5).to(mask.device)
+
+
+def iou(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> float:
+    """Intersection over union of two masks; NaN when both are empty (0/0)."""
+    pred_mask = _as_bool_mask(pred_mask, "pred_mask")
+    gt_mask = _as_bool_mask(gt_mask, "gt_mask")
+    if pred_mask.shape != gt_mask.shape:
+        raise ValueError(f"pred_mask {tuple(pred_mask.shape)} and gt_mask {tuple(gt_mask.shape)} differ in size")
+    union = (pred_mask | gt_mask).sum().item()
+    if union == 0:
+        return math.nan
+    return (pred_mask & gt_mask).sum().item() / union
+
+
+def miou_fg_bg(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> float:
+    """(IoU of the foreground + IoU of the background) / 2.
+
+    This is the reference code's "mIoU" (chest-distillation), reported in the paper; it is not the mIoU
+    of other grounding papers (e.g. BioViL's), which averages IoU over thresholds or classes.
+    """
+    pred_mask = _as_bool_mask(pred_mask, "pred_mask")
+    gt_mask = _as_bool_mask(gt_mask, "gt_mask")
+    return (iou(pred_mask, gt_mask) + iou(~pred_mask, ~gt_mask)) / 2
+
+
+def _binarise_and_clean(p_normalised: torch.Tensor, threshold: float) -> torch.Tensor:
+    return remove_isolated_pixels(p_normalised > threshold)
+
+
+def grounding_iou(p: torch.Tensor, gt: torch.Tensor, seed: int = 0) -> float:
+    """The paper's IoU: P binarised at its GMM threshold, isolated pixels removed, IoU with the mask."""
+    gt = _as_bool_mask(gt, "gt_mask")
+    p = heatmap_at_mask_size(p, gt)
+    return iou(_binarise_and_clean(p, gmm_threshold(p, seed)), gt)
+
+
+def iou_at_threshold(p: torch.Tensor, gt: torch.Tensor, threshold: float) -> float:
+    """IoU with P binarised at a fixed threshold on the normalised map instead of the GMM's; isolated
+    pixels are removed as for `grounding_iou`, so the two differ only in the threshold."""
+    gt = _as_bool_mask(gt, "gt_mask")
+    return iou(_binarise_and_clean(heatmap_at_mask_size(p, gt), threshold), gt)
+
+
+def pixel_auc(p: torch.Tensor, gt: torch.Tensor) -> float:
+    """Pixel-level ROC AUC of P against the mask (sklearn). A constant map gives 0.5 (all ties).
+    NaN when the mask holds only one class (all in or all out): ROC AUC is undefined there."""
+    gt = _as_bool_mask(gt, "gt_mask")
+    labels = gt.cpu().numpy().ravel()
+    if labels.all() or not labels.any():
+        return math.nan
+    return float(roc_auc_score(labels, heatmap_at_mask_size(p, gt).cpu().numpy().ravel()))
+
+
+def cnr(p: torch.Tensor, gt: torch.Tensor) -> float:
+    """Contrast-to-noise ratio (mean(P|in) - mean(P|out)) / sqrt(var(P|in) + var(P|out)) on normalised P.
+
+    Variances are population variances (divide by n; the reference code used torch's unbiased default).
+    Zero denominator: 0.0 when there is no contrast either (a constant map), NaN otherwise (a perfectly
+    two-valued map: the ratio is unbounded). NaN when the mask holds only one class.
+    """
+    gt = _as_bool_mask(gt, "gt_mask")
+    p = heatmap_at_mask_size(p, gt)
+    inside, outside = p[gt], p[~gt]
+    if inside.numel() == 0 or outside.numel() == 0:
+        return math.nan
+    contrast = (inside.mean() - outside.mean()).item()
+    noise = math.sqrt((inside.var(correction=0) + outside.var(correction=0)).item())
+    if noise == 0:
+        return 0.0 if contrast == 0 else math.nan
+    return contrast / noise
+
+
+def pointing_game(p: torch.Tensor, gt: torch.Tensor) -> float:
+    """Top-1 pointing game: 1.0 if the mask is on at the argmax of P, else 0.0.
+
+    Ties: the first maximum in row-major order counts, so a constant map points at the top-left pixel.
+    """
+    gt = _as_bool_mask(gt, "gt_mask")
+    p = heatmap_at_mask_size(p, gt)
+    return float(gt.reshape(-1)[torch.argmax(p.reshape(-1))].item())
+
+
+def localization_scores(
+    p: torch.Tensor, gt: torch.Tensor, thresholds: Sequence[float] = (0.3, 0.5), seed: int = 0
+) -> dict[str, float]:
+    """All localization metrics of one (heatmap, mask) sample: "iou", "miou", "auc", "cnr", "pointing"
+    and one "iou@<t>" per fixed threshold. "iou" and "miou" share one GMM binarisation."""
+    gt = _as_bool_mask(gt, "gt_mask")
+    p = heatmap_at_mask_size(p, gt)
+    prediction = _binarise_and_clean(p, gmm_threshold(p, seed))
+    scores = {
+        "iou": iou(prediction, gt),
+        "miou": miou_fg_bg(prediction, gt),
+        "auc": pixel_auc(p, gt),
+        "cnr": cnr(p, gt),
+        "pointing": pointing_game(p, gt),
+    }
+    for threshold in thresholds:
+        scores[iou_threshold_key(threshold)] = iou_at_threshold(p, gt, threshold)
+    return scores

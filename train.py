@@ -1,0 +1,300 @@
+"""Fine-tune a latent diffusion model on chest X-rays and their reports.
+
+    python train.py                                         # embedded default: synthetic MIMIC-format data, CPU
+    python train.py --config configs/experiment/learnable_text_encoder.yaml   # the paper's other variant
+    python train.py stage=autoencoder                       # only train (and cache) the VAE on the images
+    python train.py --config configs/experiment/stable_diffusion_2_base.yaml --config configs/data/mimic_cxr.yaml \
+        model.pretrained=/models/stable-diffusion-2-base data.root=/data/mimic-cxr-jpg/2.1.0 \
+        data.reports_root=/data/mimic-cxr-reports.zip trainer.devices=4 trainer.strategy=ddp
+
+Configs merge default.yaml ← each --config file ← key=value overrides (unknown keys are errors). The stages:
+1. data: the embedded synthetic set is generated from its seed on first use (data.root=null);
+2. autoencoder (when model.vae.pretrained=auto): a VAE is trained on the images, cached by data fingerprint;
+3. diffusion: the model is fine-tuned with the configured trainable parts, sampled and exported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers are imported: never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+from datamodules.synthetic import ensure_synthetic_dataset
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.export_pipeline import ExportPipelineCallback
+from callbacks.reconstruction_grid import ReconstructionGridCallback
+from callbacks.sample_grid import SampleGridCallback
+from configs import load_config
+from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint
+from lightning_modules.autoencoder import AutoencoderModule
+from lightning_modules.components import build_diffusion_parts, build_vae
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+log = logging.getLogger("cxr_diffusion")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], help="a YAML file merged over the defaults")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """A fresh timestamped folder under ``run_dir``, or the folder of the checkpoint being resumed."""
+    if cfg.resume == "last":
+        candidates = sorted(Path(cfg.run_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise FileNotFoundError(f"resume=last: no checkpoints/last.ckpt under {cfg.run_dir}/*/")
+        return candidates[-1].parent.parent
+    if cfg.resume:
+        checkpoint = Path(cfg.resume)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"resume: checkpoint '{checkpoint}' does not exist")
+        return checkpoint.parent.parent
+    run_dir = Path(cfg.run_dir) / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    if not cfg.resume:
+        return None
+    return str(run_dir / "checkpoints" / "last.ckpt") if cfg.resume == "last" else str(cfg.resume)
+
+
+def data_root(cfg: DictConfig) -> Path:
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    synthetic = cfg.data.synthetic
+    return ensure_synthetic_dataset(Path(cfg.data.cache_dir), synthetic.n, synthetic.resolution, synthetic.seed)
+
+
+def build_datamodule(cfg: DictConfig, root: Path, batch_size: int, tokenizer=None) -> CxrDataModule:
+    return CxrDataModule(
+        root,
+        cfg.data.resolution,
+        reports_root=cfg.data.reports_root,
+        views=list(cfg.data.views),
+        caption_section=cfg.data.caption_section,
+        train_split=cfg.data.splits.train,
+        val_split=cfg.data.splits.val,
+        batch_size=batch_size,
+        num_workers=cfg.data.num_workers,
+        tokenizer=tokenizer,
+        seed=cfg.seed,
+    )
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, job: str) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=run_dir, name=job, version=""))
+    wandb_cfg = cfg.logger.wandb
+    if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+        loggers.append(
+            WandbLogger(
+                save_dir=str(run_dir),
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                group=wandb_cfg.group,
+                name=f"{cfg.name}/{run_dir.name}/{job}",
+                tags=list(wandb_cfg.tags),
+                job_type=job,
+                mode=wandb_cfg.mode,
+            )
+        )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
+def trainer_for(
+    cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list[Logger], **overrides
+) -> L.Trainer:
+    kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **overrides}
+    return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
+
+
+def vae_cache_folder(cfg: DictConfig, root: Path) -> Path:
+    """Where the autoencoder stage's VAE for this data, resolution, architecture and recipe lives."""
+    key = json.dumps(
+        {
+            "data": dataset_fingerprint(root),
+            "resolution": cfg.data.resolution,
+            "views": list(cfg.data.views),
+            "split": cfg.data.splits.train,
+            "vae": OmegaConf.to_container(cfg.model.vae, resolve=True),
+            "recipe": OmegaConf.to_container(cfg.autoencoder, resolve=True),
+            "seed": cfg.seed,
+        },
+        sort_keys=True,
+    )
+    return Path(cfg.data.cache_dir) / "vae" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
+    """Train the VAE on the training images, measure held-out reconstruction before/after, cache it."""
+    folder = vae_cache_folder(cfg, root)
+    if (folder / "config.json").is_file() and cfg.stage != "autoencoder":
+        print(f"[autoencoder] reusing the VAE trained on this data: {folder}")
+        return folder
+    L.seed_everything(cfg.seed, workers=True)
+    started = time.perf_counter()
+    ae_cfg = cfg.autoencoder
+    datamodule = build_datamodule(cfg, root, ae_cfg.batch_size)
+    module = AutoencoderModule(
+        build_vae(cfg.model, cfg.data.resolution, folder=None),
+        ae_cfg.learning_rate,
+        ae_cfg.kl_weight,
+        ae_cfg.reconstruction_loss,
+    )
+    loggers = build_loggers(cfg, run_dir, "autoencoder")
+    trainer = trainer_for(
+        cfg,
+        run_dir,
+        [ReconstructionGridCallback(run_dir / "images")],
+        loggers,
+        max_steps=ae_cfg.max_steps,
+        val_check_interval=max(1, ae_cfg.max_steps // 2),
+        check_val_every_n_epoch=None,
+        limit_val_batches=ae_cfg.val_batches,
+        enable_checkpointing=False,
+        gradient_clip_val=None,
+    )
+    before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["autoencoder/val_reconstruction_mse"]
+    trainer.fit(module, datamodule=datamodule)
+    after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["autoencoder/val_reconstruction_mse"]
+    scaling = module.latent_scaling_factor(itertools.islice(datamodule.train_dataloader(), 8))
+    module.vae.register_to_config(scaling_factor=cfg.model.vae.scaling_factor or scaling)
+    finish_loggers(loggers)
+    if trainer.is_global_zero:
+        staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        module.vae.save_pretrained(staging, safe_serialization=True)
+        report = {
+            "val_reconstruction_mse_before": before,
+            "val_reconstruction_mse_after": after,
+            "latent_scaling_factor": scaling,
+            "steps": trainer.global_step,
+            "seconds": round(time.perf_counter() - started, 1),
+            "data_root": str(root),
+        }
+        (staging / "training.json").write_text(json.dumps(report, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+        print(
+            f"[autoencoder] held-out reconstruction MSE {before:.4f} -> {after:.4f} "
+            f"in {report['seconds']} s; VAE cached at {folder}"
+        )
+    trainer.strategy.barrier()
+    return folder
+
+
+def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_dir: Path) -> dict[str, Path]:
+    L.seed_everything(cfg.seed, workers=True)
+    parts = build_diffusion_parts(cfg.model, cfg.data.resolution, vae_folder=vae_folder)
+    train_cfg = cfg.train
+    module = LatentDiffusionModule(
+        parts,
+        trainable=list(cfg.model.trainable),
+        learning_rates=dict(train_cfg.learning_rate),
+        adam_weight_decay=train_cfg.adam_weight_decay,
+        adam_betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        lr_warmup_steps=train_cfg.lr_warmup_steps,
+        ucg_probability=train_cfg.ucg_probability,
+        snr_gamma=train_cfg.snr_gamma,
+        use_ema=train_cfg.use_ema,
+        ema_decay=train_cfg.ema_decay,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
+    datamodule = build_datamodule(cfg, root, cfg.data.batch_size, tokenizer=parts.tokenizer)
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=train_cfg.checkpointing_steps,
+        save_top_k=-1,
+        save_last=True,
+    )
+    samples = SampleGridCallback(
+        cfg.sampling.validation_prompts,
+        run_dir / "images",
+        cfg.callbacks.sample_grid.every_n_steps,
+        cfg.sampling.num_inference_steps,
+        cfg.sampling.guidance_scale,
+        seed=cfg.seed,
+    )
+    callbacks: list[L.Callback] = [checkpoints, LearningRateMonitor(logging_interval="step"), samples]
+    if cfg.callbacks.export_pipeline:
+        callbacks.append(ExportPipelineCallback(run_dir / "pipeline"))
+    loggers = build_loggers(cfg, run_dir, "diffusion")
+    trainer = trainer_for(cfg, run_dir, callbacks, loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    finish_loggers(loggers)
+    outputs = {
+        "checkpoint": Path(checkpoints.last_model_path or run_dir / "checkpoints" / "last.ckpt"),
+        "metrics": run_dir / "diffusion" / "metrics.csv",
+    }
+    if samples.written:
+        outputs["samples"] = samples.written[-1]
+    if cfg.callbacks.export_pipeline:
+        outputs["pipeline"] = run_dir / "pipeline"
+    return outputs
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_dir = make_run_dir(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    started = time.perf_counter()
+    root = data_root(cfg)
+    print(f"[data] {root} (fingerprint {dataset_fingerprint(root)})")
+    vae_folder = None
+    if cfg.stage in ("all", "autoencoder") and cfg.model.vae.pretrained == "auto":
+        vae_folder = train_autoencoder(cfg, root, run_dir)
+    elif cfg.stage == "diffusion" and cfg.model.vae.pretrained == "auto":
+        vae_folder = vae_cache_folder(cfg, root)
+        if not (vae_folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"stage=diffusion with model.vae.pretrained=auto: no cached VAE at {vae_folder}; "
+                "run stage=autoencoder (or stage=all) first"
+            )
+    outputs = {"run_dir": run_dir, "config": run_dir / "config.yaml"}
+    if cfg.stage != "autoencoder":
+        outputs |= train_diffusion(cfg, root, vae_folder, run_dir)
+    print(f"\n[done] in {time.perf_counter() - started:.0f} s")
+    for name, path in outputs.items():
+        print(f"  {name:<11}{path}")
+    if any(isinstance(p, Path) and p.name == "wandb" for p in run_dir.iterdir()):
+        print(f"  {'wandb':<11}{run_dir / 'wandb'}  (offline: `wandb sync {run_dir / 'wandb'}/offline-run-*`)")
+    return outputs
+
+
+if __name__ == "__main__":
+    main()
