@@ -21,7 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers ar
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import hashlib
 import itertools
 import json
 import logging
@@ -32,7 +31,6 @@ from datetime import datetime
 from pathlib import Path
 
 import lightning as L
-from datamodules.synthetic import ensure_synthetic_dataset
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -41,9 +39,9 @@ from callbacks.export_pipeline import ExportPipelineCallback
 from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
 from configs import load_config
-from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint
-from lightning_modules.autoencoder import AutoencoderModule
-from lightning_modules.components import build_diffusion_parts, build_vae
+from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint, resolve_data_root
+from lightning_modules.autoencoder import AutoencoderModule, vae_cache_folder
+from lightning_modules.components import build_vae
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
 log = logging.getLogger("cxr_diffusion")
@@ -77,13 +75,6 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if not cfg.resume:
         return None
     return str(run_dir / "checkpoints" / "last.ckpt") if cfg.resume == "last" else str(cfg.resume)
-
-
-def data_root(cfg: DictConfig) -> Path:
-    if cfg.data.root:
-        return Path(cfg.data.root)
-    synthetic = cfg.data.synthetic
-    return ensure_synthetic_dataset(Path(cfg.data.cache_dir), synthetic.n, synthetic.resolution, synthetic.seed)
 
 
 def build_datamodule(cfg: DictConfig, root: Path, batch_size: int, tokenizer=None) -> CxrDataModule:
@@ -137,23 +128,6 @@ def trainer_for(
 ) -> L.Trainer:
     kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **overrides}
     return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
-
-
-def vae_cache_folder(cfg: DictConfig, root: Path) -> Path:
-    """Where the autoencoder stage's VAE for this data, resolution, architecture and recipe lives."""
-    key = json.dumps(
-        {
-            "data": dataset_fingerprint(root),
-            "resolution": cfg.data.resolution,
-            "views": list(cfg.data.views),
-            "split": cfg.data.splits.train,
-            "vae": OmegaConf.to_container(cfg.model.vae, resolve=True),
-            "recipe": OmegaConf.to_container(cfg.autoencoder, resolve=True),
-            "seed": cfg.seed,
-        },
-        sort_keys=True,
-    )
-    return Path(cfg.data.cache_dir) / "vae" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
@@ -214,29 +188,21 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
     return folder
 
 
+def evaluation_callbacks(cfg: DictConfig, root: Path, run_dir: Path) -> list[L.Callback]:
+    """The periodic in-training evaluations (grounding, fidelity), each enabled by its ``callbacks.*`` config."""
+    callbacks: list[L.Callback] = []
+    return callbacks
+
+
 def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_dir: Path) -> dict[str, Path]:
     L.seed_everything(cfg.seed, workers=True)
-    parts = build_diffusion_parts(cfg.model, cfg.data.resolution, vae_folder=vae_folder)
-    train_cfg = cfg.train
-    module = LatentDiffusionModule(
-        parts,
-        trainable=list(cfg.model.trainable),
-        learning_rates=dict(train_cfg.learning_rate),
-        adam_weight_decay=train_cfg.adam_weight_decay,
-        adam_betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        lr_warmup_steps=train_cfg.lr_warmup_steps,
-        ucg_probability=train_cfg.ucg_probability,
-        snr_gamma=train_cfg.snr_gamma,
-        use_ema=train_cfg.use_ema,
-        ema_decay=train_cfg.ema_decay,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-    )
-    datamodule = build_datamodule(cfg, root, cfg.data.batch_size, tokenizer=parts.tokenizer)
+    module = LatentDiffusionModule.from_config(cfg, vae_folder)
+    datamodule = build_datamodule(cfg, root, cfg.data.batch_size, tokenizer=module.tokenizer)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="step{step:06d}",
         auto_insert_metric_name=False,
-        every_n_train_steps=train_cfg.checkpointing_steps,
+        every_n_train_steps=cfg.train.checkpointing_steps,
         save_top_k=-1,
         save_last=True,
     )
@@ -249,14 +215,17 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
         seed=cfg.seed,
     )
     callbacks: list[L.Callback] = [checkpoints, LearningRateMonitor(logging_interval="step"), samples]
+    callbacks += evaluation_callbacks(cfg, root, run_dir)
     if cfg.callbacks.export_pipeline:
         callbacks.append(ExportPipelineCallback(run_dir / "pipeline"))
     loggers = build_loggers(cfg, run_dir, "diffusion")
     trainer = trainer_for(cfg, run_dir, callbacks, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)  # the final state, also when max_steps is not a multiple of checkpointing_steps
     finish_loggers(loggers)
     outputs = {
-        "checkpoint": Path(checkpoints.last_model_path or run_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": last,
         "metrics": run_dir / "diffusion" / "metrics.csv",
     }
     if samples.written:
@@ -273,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     run_dir = make_run_dir(cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     started = time.perf_counter()
-    root = data_root(cfg)
+    root = resolve_data_root(cfg.data)
     print(f"[data] {root} (fingerprint {dataset_fingerprint(root)})")
     vae_folder = None
     if cfg.stage in ("all", "autoencoder") and cfg.model.vae.pretrained == "auto":

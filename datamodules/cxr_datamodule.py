@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -25,6 +26,7 @@ from datamodules.mimic import (
     build_mimic_index,
     collate_skipping_bad,
 )
+from datamodules.synthetic import ensure_synthetic_dataset
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,14 @@ def dataset_fingerprint(root: str | Path) -> str:
                 digest.update(path.read_bytes())
                 break
     return digest.hexdigest()[:16]
+
+
+def resolve_data_root(data_cfg: DictConfig) -> Path:
+    """``data.root``, or the embedded synthetic set (generated from its seed on first use) when it is null."""
+    if data_cfg.root:
+        return Path(data_cfg.root)
+    synthetic = data_cfg.synthetic
+    return ensure_synthetic_dataset(Path(data_cfg.cache_dir), synthetic.n, synthetic.resolution, synthetic.seed)
 
 
 class CxrDataModule(L.LightningDataModule):

@@ -7,11 +7,18 @@ out: their networks need pretrained weights that do not exist offline.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
+
+from datamodules.cxr_datamodule import dataset_fingerprint
 
 
 class AutoencoderModule(L.LightningModule):
@@ -69,3 +76,20 @@ class AutoencoderModule(L.LightningModule):
         """1 / std of posterior samples over some training batches: unit-variance latents for the diffusion stage."""
         samples = [self.vae.encode(b["pixel_values"].to(self.device)).latent_dist.sample() for b in batches]
         return float(1.0 / torch.cat(samples).flatten().std())
+
+
+def vae_cache_folder(cfg: DictConfig, root: Path) -> Path:
+    """Where the autoencoder stage's VAE for this data, resolution, architecture and recipe lives."""
+    key = json.dumps(
+        {
+            "data": dataset_fingerprint(root),
+            "resolution": cfg.data.resolution,
+            "views": list(cfg.data.views),
+            "split": cfg.data.splits.train,
+            "vae": OmegaConf.to_container(cfg.model.vae, resolve=True),
+            "recipe": OmegaConf.to_container(cfg.autoencoder, resolve=True),
+            "seed": cfg.seed,
+        },
+        sort_keys=True,
+    )
+    return Path(cfg.data.cache_dir) / "vae" / hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
+from omegaconf import DictConfig
 
-from lightning_modules.components import DiffusionParts, sampling_scheduler
+from lightning_modules.components import DiffusionParts, build_diffusion_parts, sampling_scheduler
 
 PART_NAMES = ("unet", "text_encoder", "vae")
 
@@ -68,6 +69,24 @@ class LatentDiffusionModule(L.LightningModule):
         # Frozen parts are rebuilt from their sources, so checkpoints hold only what trains.
         self.strict_loading = False
         self.skipped_samples = 0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, vae_folder: Path | None = None) -> LatentDiffusionModule:
+        """The one place where ``model`` and ``train`` config become a module (train.py and evaluation use it)."""
+        train_cfg = cfg.train
+        return cls(
+            build_diffusion_parts(cfg.model, cfg.data.resolution, vae_folder=vae_folder),
+            trainable=list(cfg.model.trainable),
+            learning_rates=dict(train_cfg.learning_rate),
+            adam_weight_decay=train_cfg.adam_weight_decay,
+            adam_betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+            lr_warmup_steps=train_cfg.lr_warmup_steps,
+            ucg_probability=train_cfg.ucg_probability,
+            snr_gamma=train_cfg.snr_gamma,
+            use_ema=train_cfg.use_ema,
+            ema_decay=train_cfg.ema_decay,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+        )
 
     # ----------------------------------------------------------------------------------------- parts & modes
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -168,8 +187,10 @@ class LatentDiffusionModule(L.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and outputs is not None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """EMA follows every optimizer step here, before callbacks (checkpointing) see the step's end."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.step(self.trainable_parameters())
 
     def _swap_in_ema(self) -> None:

@@ -1,0 +1,182 @@
+"""MS-CXR phrase-grounding annotations (v1.0.0 and v1.1.0 CSVs) and their model-resolution samples.
+
+One CSV row is one box; a phrase with several boxes spans several rows, not necessarily adjacent.
+`read_ms_cxr` groups them into one `GroundingItem` per (dicom_id, phrase); `load_grounding_sample` puts
+the image and its boxes through the same resize/crop (datamodules.transforms) and rasterises the
+ground-truth mask the grounding metrics compare heatmaps against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import pandas as pd
+import torch
+
+from datamodules.mimic import resolve_within_root
+from datamodules.transforms import (
+    Box,
+    CropGeometry,
+    box_mask,
+    load_grayscale_image,
+    resize_center_crop,
+    to_model_tensor,
+    transform_box,
+)
+
+MS_CXR_CATEGORIES = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Lung Opacity",
+    "Pleural Effusion",
+    "Pneumonia",
+    "Pneumothorax",
+)
+MS_CXR_COLUMNS = (
+    "dicom_id",
+    "category_name",
+    "label_text",
+    "path",
+    "x",
+    "y",
+    "w",
+    "h",
+    "image_width",
+    "image_height",
+)
+MS_CXR_SPLITS = ("train", "val", "test")
+_VALIDATE = {"val", "validate"}
+_SPLIT_ALIASES = {"train": {"train"}, "val": _VALIDATE, "validate": _VALIDATE, "test": {"test"}}
+_NUMERIC_COLUMNS = {"x": False, "y": False, "w": True, "h": True, "image_width": True, "image_height": True}
+_PER_PHRASE_COLUMNS = ("path", "category_name", "image_width", "image_height", "split")
+
+
+@dataclass
+class GroundingItem:
+    """One MS-CXR image-phrase pair with all its boxes (x, y, w, h in original-image pixels)."""
+
+    dicom_id: str
+    path: str
+    category: str
+    phrase: str
+    boxes: list[Box]
+    image_width: int
+    image_height: int
+    split: str | None
+
+
+def _line(row: int) -> str:
+    return f"line {row + 2}"  # the header is line 1
+
+
+def read_ms_cxr(csv_path: str | Path, split: str | None = None) -> list[GroundingItem]:
+    """Read an MS-CXR CSV into one item per (dicom_id, label_text), in order of first appearance.
+
+    Accepts v1.0.0 (no split column; items get split None) and v1.1.0. `split` keeps only that split
+    ("val" and "validate" are the same); filtering by split needs v1.1.0. Raises ValueError naming the
+    file and line for missing columns, unknown categories, non-numeric or non-positive sizes, absolute
+    or escaping paths, and rows of one phrase that disagree on path, category, image size or split.
+    """
+    csv_path = Path(csv_path)
+    text_columns = {"dicom_id": str, "category_name": str, "label_text": str, "path": str}
+    table = pd.read_csv(csv_path, dtype=text_columns, keep_default_na=False, na_values=[""])
+    missing = [column for column in MS_CXR_COLUMNS if column not in table.columns]
+    if missing:
+        raise ValueError(f"{csv_path} lacks the MS-CXR columns {missing}; it has {list(table.columns)}")
+    has_split = "split" in table.columns
+    if split is not None and not has_split:
+        raise ValueError(f"{csv_path} has no split column (MS-CXR v1.0.0); read it with split=None")
+    if split is not None and split not in _SPLIT_ALIASES:
+        raise ValueError(f"split must be one of {MS_CXR_SPLITS} (or 'validate'), got {split!r}")
+    if not has_split:
+        table["split"] = None
+    _validate_rows(table, csv_path)
+
+    items: list[GroundingItem] = []
+    for (dicom_id, phrase), rows in table.groupby(["dicom_id", "label_text"], sort=False):
+        for column in _PER_PHRASE_COLUMNS:
+            if rows[column].nunique(dropna=False) > 1:
+                lines = ", ".join(_line(row) for row in rows.index)
+                raise ValueError(
+                    f"{csv_path} {lines}: the boxes of {dicom_id} / {phrase!r} disagree on {column} "
+                    f"({sorted(map(str, rows[column].unique()))})"
+                )
+        first = rows.iloc[0]
+        if split is not None and first["split"] not in _SPLIT_ALIASES[split]:
+            continue
+        items.append(
+            GroundingItem(
+                dicom_id=dicom_id,
+                path=first["path"],
+                category=first["category_name"],
+                phrase=phrase,
+                boxes=[tuple(map(float, box)) for box in rows[["x", "y", "w", "h"]].itertuples(index=False)],
+                image_width=int(first["image_width"]),
+                image_height=int(first["image_height"]),
+                split=first["split"],
+            )
+        )
+    return items
+
+
+def _validate_rows(table: pd.DataFrame, csv_path: Path) -> None:
+    for column in ("dicom_id", "label_text", "path"):
+        blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
+        if blank.any():
+            raise ValueError(f"{csv_path} {_line(int(blank.to_numpy().argmax()))}: {column} is empty")
+    unknown = ~table["category_name"].isin(MS_CXR_CATEGORIES)
+    if unknown.any():
+        row = int(unknown.to_numpy().argmax())
+        raise ValueError(
+            f"{csv_path} {_line(row)}: category_name {table['category_name'].iloc[row]!r} is not one of "
+            f"{list(MS_CXR_CATEGORIES)}"
+        )
+    for column, must_be_positive in _NUMERIC_COLUMNS.items():
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values.isna() | (values <= 0) if must_be_positive else values.isna()
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            expected = "a number > 0" if must_be_positive else "a number"
+            value = table[column].iloc[row]
+            raise ValueError(f"{csv_path} {_line(row)}: {column} must be {expected}, got {str(value)!r}")
+    for row, path in enumerate(table["path"]):
+        if PurePosixPath(path).anchor or PureWindowsPath(path).anchor or ".." in PurePosixPath(path).parts:
+            raise ValueError(f"{csv_path} {_line(row)}: path {path!r} must be relative, staying under the root")
+
+
+def load_grounding_sample(
+    item: GroundingItem, root: str | Path, resolution: int, mask_size: int | None = None
+) -> dict[str, Any] | None:
+    """The item's image and boxes at model resolution, and the ground-truth mask at `mask_size`^2.
+
+    The image is `root / item.path`. If the JPG's actual size differs from the CSV's image_width/height
+    (e.g. a downscaled copy of MIMIC-CXR-JPG), the boxes are first scaled per axis by actual/declared
+    size, so they keep naming the same anatomy. Boxes wholly cropped away are dropped and counted in
+    "num_boxes_dropped"; when no box is left the item cannot be evaluated and None is returned.
+    Returns {"pixel_values": 3 x R x R in [-1, 1], "boxes": n x 4 (x, y, w, h model pixels),
+    "mask": bool mask_size x mask_size (default R), "phrase", "category", "dicom_id", "num_boxes_dropped"}.
+    """
+    path = resolve_within_root(root, item.path, f"MS-CXR item {item.dicom_id} / {item.phrase!r}")
+    image = load_grayscale_image(path)
+    geometry = CropGeometry.for_image(image.width, image.height, resolution)
+    scale_x = image.width / item.image_width
+    scale_y = image.height / item.image_height
+    transformed = [
+        transform_box(geometry, x * scale_x, y * scale_y, w * scale_x, h * scale_y) for x, y, w, h in item.boxes
+    ]
+    boxes = [box for box in transformed if box is not None]
+    if not boxes:
+        return None
+    return {
+        "pixel_values": to_model_tensor(resize_center_crop(image, resolution)),
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "mask": box_mask(boxes, resolution, resolution if mask_size is None else mask_size),
+        "phrase": item.phrase,
+        "category": item.category,
+        "dicom_id": item.dicom_id,
+        "num_boxes_dropped": len(transformed) - len(boxes),
+    }

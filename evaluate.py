@@ -1,0 +1,33 @@
+"""Evaluate a trained model (a run's checkpoint or a diffusers pipeline folder) outside training.
+
+    python evaluate.py grounding --model runs/frozen_text_encoder/<run>/checkpoints/last.ckpt --out eval/grounding
+    python evaluate.py fidelity  --model runs/frozen_text_encoder/<run>/pipeline --out eval/fidelity
+
+Each subcommand is defined beside the code it runs; this script only dispatches.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers are imported: never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    del subcommands  # subcommands register here: each module's `register(subcommands)` sets `run`
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Load a trained model for evaluation: a run's Lightning checkpoint, or a diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from configs import load_config
+from datamodules.cxr_datamodule import resolve_data_root
+from lightning_modules.autoencoder import vae_cache_folder
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+
+def _pipeline_resolution(folder: Path) -> int:
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def load_diffusion_module(
+    source: str | Path, overrides: Sequence[str] = ()
+) -> tuple[LatentDiffusionModule, DictConfig]:
+    """The model in eval mode (EMA weights swapped in for good when the run kept them) and its config.
+
+    A checkpoint is read with ``weights_only=True`` (no code runs on unpickling); its run's ``config.yaml``
+    (two folders up, beside ``checkpoints/``) rebuilds the frozen parts from their sources.
+    """
+    source = Path(source)
+    if source.is_dir():
+        if not (source / "model_index.json").is_file():
+            raise FileNotFoundError(f"'{source}' is a folder without model_index.json (not a diffusers pipeline)")
+        cfg = load_config(
+            [],
+            [
+                f"model.pretrained={source}",
+                "model.text_encoder.pretrained=null",
+                "model.vae.pretrained=null",
+                f"data.resolution={_pipeline_resolution(source)}",
+                "train.use_ema=false",
+                *overrides,
+            ],
+        )
+        module = LatentDiffusionModule.from_config(cfg)
+    elif source.is_file():
+        config_file = source.parent.parent / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"checkpoint '{source}' has no run config at {config_file}")
+        cfg = load_config([config_file], overrides)
+        vae_folder = vae_cache_folder(cfg, resolve_data_root(cfg.data)) if cfg.model.vae.pretrained == "auto" else None
+        module = LatentDiffusionModule.from_config(cfg, vae_folder)
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        missing, _ = module.load_state_dict(checkpoint["state_dict"], strict=False)
+        untrained = [key for key in missing if key.split(".")[0] in module.trainable]
+        if untrained:
+            raise ValueError(f"checkpoint '{source}' lacks weights of trained parts, e.g. {untrained[:3]}")
+        module.on_load_checkpoint(checkpoint)
+        if module.ema is not None:
+            module.ema.copy_to(module.trainable_parameters())
+            module.ema = None
+    else:
+        raise FileNotFoundError(f"model source '{source}' does not exist (expected a .ckpt file or a diffusers folder)")
+    return module.eval(), cfg
