@@ -187,6 +187,10 @@ class LatentDiffusionModule(L.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
+    def on_train_start(self) -> None:
+        """Lightning keeps each module's mode; parts loaded with from_pretrained arrive in eval mode."""
+        self.train()
+
     def optimizer_step(self, *args, **kwargs) -> None:
         """EMA follows every optimizer step here, before callbacks (checkpointing) see the step's end."""
         super().optimizer_step(*args, **kwargs)

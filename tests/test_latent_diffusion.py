@@ -1,0 +1,211 @@
+"""The diffusion LightningModule: what trains, what stays frozen, the objective, CFG dropout, sampling, export."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from torch.utils.data import DataLoader
+
+from configs import load_config
+from lightning_modules.latent_diffusion import PART_NAMES, LatentDiffusionModule, drop_captions
+from tests.conftest import TINY_RESOLUTION
+
+CAPTIONS = ["Small left pleural effusion.", "Moderate cardiomegaly.", "Right lower lobe consolidation.", ""]
+
+
+def tiny_module(tiny_overrides: list[str], *extra: str) -> LatentDiffusionModule:
+    cfg = load_config([], [*tiny_overrides, *extra])
+    torch.manual_seed(0)
+    return LatentDiffusionModule.from_config(cfg)
+
+
+def tiny_batches(count: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {
+            "pixel_values": torch.rand(4, 3, TINY_RESOLUTION, TINY_RESOLUTION, generator=generator) * 2 - 1,
+            "caption": CAPTIONS,
+            "num_skipped": 0,
+        }
+        for _ in range(count)
+    ]
+
+
+def fit_steps(module: LatentDiffusionModule, steps: int, tmp_path: Path) -> None:
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(tiny_batches(steps), batch_size=None))
+
+
+@pytest.mark.parametrize("trainable", [["unet"], ["unet", "text_encoder"], ["unet", "text_encoder", "vae"]])
+def test_frozen_parts_stay_bit_identical_and_trainable_parts_change(tiny_overrides, tmp_path, trainable):
+    module = tiny_module(tiny_overrides, f"model.trainable=[{','.join(trainable)}]", "train.use_ema=false")
+    before = {name: [p.detach().clone() for p in getattr(module, name).parameters()] for name in PART_NAMES}
+    modes_seen: dict[str, bool] = {}
+
+    class RecordModes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes_seen.update({name: getattr(pl_module, name).training for name in PART_NAMES})
+
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordModes()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(tiny_batches(3), batch_size=None))
+
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    for name in PART_NAMES:
+        params = list(getattr(module, name).parameters())
+        changed = [not torch.equal(old, new.detach()) for old, new in zip(before[name], params, strict=True)]
+        if name in trainable:
+            assert any(changed), f"{name} is trainable but no weight changed"
+            assert all(p.requires_grad for p in params)
+            assert {id(p) for p in params} <= optimizer_params
+            assert modes_seen[name] is True
+        else:
+            assert not any(changed), f"{name} is frozen but its weights changed"
+            assert not any(p.requires_grad for p in params)
+            assert not {id(p) for p in params} & optimizer_params
+            assert modes_seen[name] is False, f"frozen {name} must stay in eval mode during training"
+    trainable_ids = {id(p) for name in trainable for p in getattr(module, name).parameters()}
+    assert optimizer_params == trainable_ids
+    learning_rates = {group["name"]: group["lr"] for group in trainer.optimizers[0].param_groups}
+    cfg = load_config([], tiny_overrides)
+    assert learning_rates == {name: cfg.train.learning_rate[name] for name in trainable}
+
+
+def test_checkpoint_state_holds_only_trainable_parts(tiny_overrides):
+    module = tiny_module(tiny_overrides, "model.trainable=[unet,text_encoder]")
+    prefixes = {key.split(".")[0] for key in module.state_dict()}
+    assert prefixes == {"unet", "text_encoder"}
+
+
+def test_caption_dropout_rate_matches_probability():
+    captions = [f"caption {i}" for i in range(20_000)]
+    dropped = drop_captions(captions, 0.3, torch.Generator().manual_seed(1))
+    rate = sum(caption == "" for caption in dropped) / len(captions)
+    sigma = (0.3 * 0.7 / len(captions)) ** 0.5
+    assert abs(rate - 0.3) < 4 * sigma
+    assert all(kept in ("", original) for kept, original in zip(dropped, captions, strict=True))
+
+
+@pytest.mark.parametrize("probability", [0.0, 1.0])
+def test_training_step_applies_caption_dropout_to_every_caption(tiny_overrides, probability):
+    module = tiny_module(tiny_overrides, f"train.ucg_probability={probability}")
+    seen: list[str] = []
+    encode_text = module.encode_text
+    module.encode_text = lambda captions: seen.extend(captions) or encode_text(captions)
+    module.train()
+    module.training_step(tiny_batches(1)[0], 0)
+    expected = CAPTIONS if probability == 0.0 else [""] * len(CAPTIONS)
+    assert seen == expected
+
+
+@pytest.mark.parametrize("extra", [[], ["model.prediction_type=v_prediction", "train.snr_gamma=5.0"]])
+def test_loss_on_a_fixed_batch_falls_with_training(tiny_overrides, tmp_path, extra):
+    module = tiny_module(tiny_overrides, "train.learning_rate.unet=2e-3", "train.ucg_probability=0", *extra)
+    batch = tiny_batches(1)[0]
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return (
+                sum(
+                    float(
+                        module.diffusion_loss(
+                            batch["pixel_values"], batch["caption"], torch.Generator().manual_seed(seed)
+                        )
+                    )
+                    for seed in range(8)
+                )
+                / 8
+            )
+
+    initial = fixed_loss()
+    trainer = L.Trainer(
+        max_steps=60,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * 60, batch_size=None))
+    module.eval()
+    assert fixed_loss() < 0.7 * initial
+
+
+def test_ema_tracks_training_and_is_used_for_sampling(tiny_overrides, tmp_path):
+    module = tiny_module(tiny_overrides, "train.ema_decay=0.5", "train.learning_rate.unet=1e-2")
+    fit_steps(module, 4, tmp_path)
+    training_weights = [p.detach().clone() for p in module.unet.parameters()]
+    with module.ema_weights():
+        ema_weights = [p.detach().clone() for p in module.unet.parameters()]
+    restored = [p.detach() for p in module.unet.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(training_weights, ema_weights, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(training_weights, restored, strict=True))
+    assert module.ema.optimization_step == 4
+
+
+def test_pretrained_folder_loads_the_saved_weights(tiny_overrides, tiny_model_dir):
+    module = tiny_module(tiny_overrides)
+    reference = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    for name in PART_NAMES:
+        ours, theirs = getattr(module, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_text_encoder_hidden_size_sets_cross_attention_width(tiny_overrides):
+    """The embedded default's real pretrained encoder (MiniLM BERT, hidden 384) drives the UNet's width."""
+    overrides = [o for o in tiny_overrides if not o.startswith("model.")]
+    module = tiny_module(overrides, "model.vae.pretrained=null")
+    assert module.text_encoder.config.hidden_size == 384
+    assert module.unet.config.cross_attention_dim == 384
+    assert module.tokenizer.model_max_length == 77
+    assert module.encode_text(["Small left pleural effusion."]).shape == (1, 77, 384)
+
+
+def test_exported_pipeline_loads_in_diffusers_and_reproduces_our_samples(tiny_overrides, tmp_path):
+    module = tiny_module(tiny_overrides, "train.use_ema=false")
+    folder = module.export_pipeline(tmp_path / "pipeline")
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(
+        ["Moderate cardiomegaly."],
+        height=TINY_RESOLUTION,
+        width=TINY_RESOLUTION,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
+    ).images
+    ours = module.sample(["Moderate cardiomegaly."], num_inference_steps=3, guidance_scale=4.0, seed=5)
+    assert theirs.shape == (1, 3, TINY_RESOLUTION, TINY_RESOLUTION)
+    torch.testing.assert_close(theirs.float(), ours, atol=1e-5, rtol=0)
+
+
+def test_sampling_is_seeded_and_prompt_dependent(tiny_overrides):
+    module = tiny_module(tiny_overrides)
+    first = module.sample(CAPTIONS[:2], num_inference_steps=2, seed=3)
+    again = module.sample(CAPTIONS[:2], num_inference_steps=2, seed=3)
+    other_seed = module.sample(CAPTIONS[:2], num_inference_steps=2, seed=4)
+    assert first.shape == (2, 3, TINY_RESOLUTION, TINY_RESOLUTION)
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_seed)

@@ -1,0 +1,108 @@
+"""train.py end to end on the tiny model: the run folder a user gets, skipped samples, the autoencoder stage."""
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from datamodules.mimic import build_mimic_index
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "diffusion" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_script_leaves_checkpoint_config_metrics_samples_wandb_and_pipeline(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith("logger.wandb")] + ["logger.wandb.mode=offline"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "[done]" in result.stdout and str(run_dir) in result.stdout
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert (run_dir / "checkpoints" / "step000002.ckpt").is_file()
+    saved_config = (run_dir / "config.yaml").read_text()
+    assert "max_steps: 3" in saved_config and "${" not in saved_config
+
+    losses = [float(row["train/loss"]) for row in metric_rows(run_dir) if row.get("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert any(row.get("val/loss") for row in metric_rows(run_dir))
+
+    grids = sorted((run_dir / "images").glob("samples_step*.png"))
+    assert [grid.name for grid in grids] == ["samples_step000002.png", "samples_step000003.png"]
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(wandb_run.glob("*.wandb")), "the offline W&B run holds its history"
+    assert list((wandb_run / "files" / "media" / "images").glob("samples_*.png"))
+    assert (
+        json.loads((run_dir / "pipeline" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    )
+
+
+def corrupted_copy(root: Path, destination: Path) -> tuple[Path, int]:
+    """The dataset with one training image overwritten by garbage bytes."""
+    shutil.copytree(root, destination)
+    first = build_mimic_index(destination, split="train").samples["image_path"].iloc[0]
+    Path(first).write_bytes(b"not a jpeg at all")
+    return destination, 1
+
+
+def test_an_unreadable_image_is_skipped_and_counted_not_fatal(tiny_overrides, synthetic_root, tmp_path):
+    root, corrupted = corrupted_copy(synthetic_root, tmp_path / "data")
+    overrides = [o for o in tiny_overrides if not o.startswith("data.root")]
+    train.main(
+        [
+            *overrides,
+            f"data.root={root}",
+            "trainer.max_steps=10",
+            "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.export_pipeline=false",
+        ]
+    )
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    skipped = [float(row["data/skipped_samples"]) for row in metric_rows(run_dir) if row.get("data/skipped_samples")]
+    assert skipped[-1] == corrupted  # the 10 steps of batch 4 pass every one of the 34 training images once
+
+
+@pytest.mark.parametrize("stage", ["autoencoder"])
+def test_autoencoder_stage_learns_reconstruction_and_is_cached_for_the_diffusion_stage(
+    tiny_overrides, tmp_path, stage, capsys
+):
+    overrides = [o for o in tiny_overrides if not o.startswith("model.vae.pretrained")] + [
+        "model.vae.pretrained=auto",
+        "model.vae.block_out_channels=[16,16,16]",
+        "autoencoder.max_steps=300",
+        "autoencoder.batch_size=8",
+        "autoencoder.learning_rate=2e-3",
+        "autoencoder.val_batches=1",
+    ]
+    train.main([*overrides, f"stage={stage}"])
+    (cached,) = (tmp_path / "cache" / "vae").iterdir()
+    report = json.loads((cached / "training.json").read_text())
+    assert report["val_reconstruction_mse_after"] < 0.5 * report["val_reconstruction_mse_before"]
+    assert report["latent_scaling_factor"] > 0
+    assert json.loads((cached / "config.json").read_text())["scaling_factor"] == report["latent_scaling_factor"]
+    first_run = next((tmp_path / "runs").iterdir())
+    assert list((first_run / "images").glob("autoencoder_reconstructions_step*.png"))
+
+    capsys.readouterr()
+    outputs = train.main([*overrides, "stage=all", "callbacks.export_pipeline=false"])
+    assert "reusing the VAE trained on this data" in capsys.readouterr().out
+    assert (cached / "training.json").read_text() == json.dumps(report, indent=2)
+    assert outputs["checkpoint"].is_file()
