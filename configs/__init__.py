@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -22,6 +23,15 @@ TRAINABLE_PARTS = ("unet", "text_encoder", "vae")
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used, with where it came from."""
+
+
+def _required(key: str, what: str) -> None:
+    """``${required:key,what}`` in a preset: the user must set ``key`` (in a later file or on the command line)."""
+    raise ConfigError(f"{key} must be set: {what} (e.g. on the command line: {key}=...)")
+
+
+if not OmegaConf.has_resolver("required"):
+    OmegaConf.register_resolver("required", _required)
 
 
 def _trainer_arguments() -> list[str]:
@@ -95,6 +105,9 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     dotlist = OmegaConf.from_dotlist(list(overrides))
     _check_known_keys(dotlist, cfg, source="the command line")
     cfg = OmegaConf.merge(cfg, dotlist)
-    OmegaConf.resolve(cfg)
+    try:
+        OmegaConf.resolve(cfg)
+    except InterpolationResolutionError as error:
+        raise ConfigError(str(error)) from error
     _validate_values(cfg)
     return cfg

@@ -78,3 +78,14 @@ def test_paper_presets_merge_and_differ_only_in_trainable_parts_and_name():
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="no_such_preset"):
         load_config(["experiment/no_such_preset"])
+
+
+def test_real_data_presets_demand_their_paths_by_key():
+    presets = ["experiment/stable_diffusion_2_base", "data/mimic_cxr"]
+    with pytest.raises(ConfigError, match="model.pretrained must be set"):
+        load_config(presets, ["data.root=/data/mimic"])
+    with pytest.raises(ConfigError, match="data.root must be set"):
+        load_config(presets, ["model.pretrained=/models/sd2"])
+    cfg = load_config([*presets, "experiment/learnable_text_encoder"], ["model.pretrained=/m", "data.root=/d"])
+    assert (cfg.model.pretrained, cfg.data.root, cfg.data.resolution) == ("/m", "/d", 512)
+    assert cfg.model.text_encoder.pretrained is None and list(cfg.model.trainable) == ["unet", "text_encoder"]
