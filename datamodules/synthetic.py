@@ -1,8 +1,8 @@
 """Embedded synthetic chest X-ray dataset, written exactly in the MIMIC-CXR-JPG + reports + MS-CXR layout.
 
 Why: tests, demos and CPU smoke runs need images, reports and grounding boxes without credentialed
-PhysioNet access. The files follow /work/shared/data-formats.md byte for byte in structure, so the one
-real-data reader (datamodules.mimic, datamodules.mscxr) reads them unchanged.
+PhysioNet access. The files have exactly the layout, columns and value conventions of the distributed
+datasets, so the one real-data reader (datamodules.mimic, datamodules.mscxr) reads them unchanged.
 
 Each study gets one frontal radiograph (PA or AP) drawn from vectorised coordinate grids (body outline,
 air-filled lungs, heart and mediastinum, ribs, clavicles, spine, diaphragm domes), 0-2 findings from the
@@ -19,6 +19,7 @@ import argparse
 import csv
 import gzip
 import io
+import math
 import shutil
 import tempfile
 import textwrap
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 MS_CXR_CATEGORIES = (
     "Atelectasis",
@@ -95,12 +95,12 @@ MS_CXR_FILE = "MS_CXR_Local_Alignment_v1.1.0.csv"
 JPEG_QUALITY = 95
 
 _MS_CXR_SPLIT = {"train": "train", "validate": "val", "test": "test"}
-_PROCEDURE = {"PA": "CHEST (PA AND LAT)", "AP": "CHEST (PORTABLE AP)"}
 _VIEW_CODE = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral"}
 _ORIENTATION = {"PA": "Erect", "AP": "Recumbent", "LATERAL": "Erect"}
 # Patient's right is the image's left (radiological convention).
 _IMAGE_SIGN = {"right": -1.0, "left": 1.0}
 _EDGE = 0.006  # soft-edge width of anatomical outlines, in image-width units
+_MIN_DRAWN_WIDTH = 128  # smaller images are drawn at this width and reduced
 
 # --------------------------------------------------------------------------------------------------------
 # Study plan: ids, subjects, splits, views (all from one layout generator, so independent of rendering).
@@ -123,9 +123,20 @@ class _Study:
     study_time: float
 
     @property
+    def procedure(self) -> str:
+        """PerformedProcedureStepDescription, also the report's EXAMINATION line."""
+        if self.images[0].view == "AP":
+            return "CHEST (PORTABLE AP)"
+        return "CHEST (PA AND LAT)" if len(self.images) > 1 else "CHEST (PA)"
+
+    @property
     def folder(self) -> str:
         subject = str(self.subject_id)
         return f"files/p{subject[:2]}/p{subject}/s{self.study_id}"
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
 
 
 def _dicom_id(rng: np.random.Generator) -> str:
@@ -189,22 +200,25 @@ class _Finding:
     boxes: tuple[tuple[int, int, int, int], ...] = ()  # x, y, w, h in pixels
 
 
+# Where a category always sits; the others (consolidation, pneumonia, opacity) get an upper/middle/lower zone.
+_FIXED_ZONE = {
+    "Atelectasis": "base",
+    "Cardiomegaly": "heart",
+    "Edema": "perihilar",
+    "Pleural Effusion": "base",
+    "Pneumothorax": "apex",
+}
+
+
 def _sample_findings(rng: np.random.Generator) -> list[_Finding]:
     """0-2 distinct MS-CXR categories per frontal image, ~35% normal, each with laterality and zone."""
-    count = rng.choice(3, p=[0.35, 0.4, 0.25])
+    count = int(rng.choice(3, p=[0.35, 0.4, 0.25]))
     findings = []
-    for category in rng.choice(MS_CXR_CATEGORIES, size=count, replace=False):
-        side = str(rng.choice(["right", "left"]))
-        zone = {
-            "Atelectasis": "base",
-            "Cardiomegaly": "heart",
-            "Edema": "perihilar",
-            "Pleural Effusion": "base",
-            "Pneumothorax": "apex",
-        }.get(str(category)) or str(rng.choice(["upper", "middle", "lower"]))
-        if category in ("Cardiomegaly", "Edema"):
-            side = "bilateral"
-        findings.append(_Finding(str(category), side, zone, int(rng.integers(0, 3))))
+    for index in rng.choice(len(MS_CXR_CATEGORIES), size=count, replace=False):
+        category = MS_CXR_CATEGORIES[int(index)]
+        side = "bilateral" if category in ("Cardiomegaly", "Edema") else _pick(rng, ("right", "left"))
+        zone = _FIXED_ZONE.get(category) or _pick(rng, ("upper", "middle", "lower"))
+        findings.append(_Finding(category, side, zone, severity=int(rng.integers(0, 3))))
     return findings
 
 
@@ -257,8 +271,14 @@ def _sample_anatomy(rng: np.random.Generator, view: str, heart_scale: float) -> 
 
 def _soft_step(x: np.ndarray, width: float) -> np.ndarray:
     """0 below -width/2, 1 above +width/2, a smooth cubic ramp between: anti-aliased outlines."""
-    s = np.clip(0.5 + x / width, 0.0, 1.0)
-    return s * s * (3.0 - 2.0 * s)
+    s = x * (1.0 / width)
+    s += 0.5
+    np.clip(s, 0.0, 1.0, out=s)
+    squared = s * s
+    s *= -2.0
+    s += 3.0
+    s *= squared
+    return s
 
 
 def _round_profile(t: np.ndarray, reach: float) -> np.ndarray:
@@ -269,7 +289,7 @@ def _round_profile(t: np.ndarray, reach: float) -> np.ndarray:
 def _mediastinal_border(v: np.ndarray, anatomy: _Anatomy, side: str) -> np.ndarray:
     """Per row, how far the mediastinum (trachea, aortic knob, heart) reaches from the midline on one side."""
     above = anatomy.heart_height * (1.3 if side == "left" else 0.9)  # the right atrium starts lower
-    extent = np.where(v > anatomy.heart_v, 1.6 * anatomy.heart_height, above)
+    extent = np.where(v > anatomy.heart_v, np.float32(1.6 * anatomy.heart_height), np.float32(above))
     cardiac = np.clip(1 - ((v - anatomy.heart_v) / extent) ** 2, 0, 1) ** 0.7
     border = 0.045 + (anatomy.heart_reach[side] - 0.045) * cardiac
     if side == "left":
@@ -277,7 +297,9 @@ def _mediastinal_border(v: np.ndarray, anatomy: _Anatomy, side: str) -> np.ndarr
     return border
 
 
-def _lung_depth(u, v, anatomy: _Anatomy, side: str, shrink: float = 0.0, apex_drop: float = 0.0) -> np.ndarray:
+def _lung_depth(
+    u: np.ndarray, v: np.ndarray, anatomy: _Anatomy, side: str, shrink: float = 0.0, apex_drop: float = 0.0
+) -> np.ndarray:
     """Signed depth inside one lung (width units): rounded apex, convex lateral wall, mediastinum medially,
     diaphragm dome below. `shrink`/`apex_drop` give the collapsed lung of a pneumothorax."""
     d = _IMAGE_SIGN[side] * (u - anatomy.midline)
@@ -287,9 +309,15 @@ def _lung_depth(u, v, anatomy: _Anatomy, side: str, shrink: float = 0.0, apex_dr
     d_in = anatomy.apex_d - (anatomy.apex_d - 0.04) * _round_profile(t, 0.3)
     d_in = np.maximum(d_in, _mediastinal_border(v, anatomy, side))
     d_out = anatomy.apex_d + (anatomy.lung_outer - shrink - anatomy.apex_d) * _round_profile(t, 0.6)
+    return np.minimum(np.minimum(d - d_in, d_out - d), np.minimum(_dome(u, anatomy, side) - v, v - apex))
+
+
+def _dome(u: np.ndarray, anatomy: _Anatomy, side: str) -> np.ndarray:
+    """Per column, the level of one hemidiaphragm: flat under the heart, lowest at the costophrenic angle."""
+    d = _IMAGE_SIGN[side] * (u - anatomy.midline)
     peak = 0.5 * (0.06 + anatomy.lung_outer)
-    dome = base - anatomy.dome_height * np.clip(1 - ((d - peak) / (anatomy.lung_outer - peak)) ** 2, 0, 1)
-    return np.minimum(np.minimum(d - d_in, d_out - d), np.minimum(dome - v, v - apex))
+    bump = np.clip(1 - (np.clip(d - peak, 0, None) / (anatomy.lung_outer - peak)) ** 2, 0, 1)
+    return anatomy.base_v[side] - anatomy.dome_height * bump
 
 
 def _air(depth: np.ndarray) -> np.ndarray:
@@ -304,40 +332,46 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     return field / max(float(np.abs(field).max()), 1e-6)
 
 
-def _pulmonary_vessels(rng: np.random.Generator, anatomy: _Anatomy, shape: tuple[int, int]) -> np.ndarray:
+def _pulmonary_vessels(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, anatomy: _Anatomy) -> np.ndarray:
     """Lung markings: vessel trees branching out of each hilum, thinner and fainter towards the periphery.
 
     Drawn at a fixed, larger canvas and reduced, so they look the same (anti-aliased) at every resolution.
     """
-    canvas_width = 512
+    shape = (v.shape[0], u.shape[1])
+    canvas_width = int(np.clip(2 * shape[1], 256, 512))
     canvas_height = round(canvas_width * shape[0] / shape[1])
     canvas = Image.new("F", (canvas_width, canvas_height), 0.0)
     draw = ImageDraw.Draw(canvas)
 
-    def branch(x: float, y: float, angle: float, length: float, width: float, level: int) -> None:
-        points = [(x, y)]
-        for _ in range(4):
-            angle += rng.normal(0, 0.15)
-            x, y = x + np.cos(angle) * length / 4, y + np.sin(angle) * length / 4
-            points.append((x, y))
-        draw.line(points, fill=rng.uniform(0.6, 1.0) * 0.6**level, width=max(1, round(width)), joint="curve")
-        if level < 4:
-            for turn in (-1, 1):
-                spread = turn * rng.uniform(0.2, 0.6)
-                branch(x, y, angle + spread, length * rng.uniform(0.55, 0.8), width * 0.65, level + 1)
-
+    hila = np.zeros(shape, dtype=np.float32)
+    trunks = {"x": [], "y": [], "angle": []}
     for side in ("right", "left"):
         sign = _IMAGE_SIGN[side]
         border = float(_mediastinal_border(np.asarray(anatomy.hilum_v), anatomy, side))
-        hilum_x = (anatomy.midline + sign * (border + 0.005)) * canvas_width
-        for down in np.linspace(-1.3, 1.1, 5) + rng.uniform(-0.15, 0.15, 5):
-            angle = down if sign > 0 else np.pi - down  # 0 = towards the patient's left, in canvas pixels
-            y = anatomy.hilum_v * canvas_height + 0.02 * down * canvas_width
-            branch(hilum_x, y, angle, rng.uniform(0.06, 0.09) * canvas_width, 0.016 * canvas_width, 0)
-    return np.asarray(canvas.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+        hilum_u = anatomy.midline + sign * (border + 0.02)
+        hila += np.exp(-(((u - hilum_u) / 0.03) ** 2 + ((v - anatomy.hilum_v - 0.02) / 0.06) ** 2))
+        downward = np.linspace(-1.3, 1.1, 5) + rng.uniform(-0.15, 0.15, 5)  # 0 = straight lateral
+        trunks["x"] += [(anatomy.midline + sign * (border + 0.005)) * canvas_width] * 5
+        trunks["y"] += list(anatomy.hilum_v * canvas_height + 0.02 * downward * canvas_width)
+        trunks["angle"] += list(downward if sign > 0 else np.pi - downward)
+    x, y, angle = (np.array(trunks[key]) for key in ("x", "y", "angle"))
+    length, width = rng.uniform(0.06, 0.09, len(x)) * canvas_width, 0.016 * canvas_width
+    for level in range(4):  # every branch is a wiggly 3-segment polyline that forks in two
+        headings = angle[:, None] + rng.normal(0, 0.15, (len(x), 3)).cumsum(axis=1)
+        xs = x[:, None] + np.cumsum(np.cos(headings) * length[:, None] / 3, axis=1)
+        ys = y[:, None] + np.cumsum(np.sin(headings) * length[:, None] / 3, axis=1)
+        shades = rng.uniform(0.6, 1.0, len(x)) * 0.6**level
+        for start_x, start_y, line_x, line_y, shade in zip(x, y, xs, ys, shades, strict=True):
+            points = [(start_x, start_y), *zip(line_x.tolist(), line_y.tolist(), strict=True)]
+            draw.line(points, fill=float(shade), width=max(1, round(width)), joint="curve")
+        forks = np.tile([-1.0, 1.0], len(x)) * rng.uniform(0.2, 0.6, 2 * len(x))
+        x, y, angle = np.repeat(xs[:, -1], 2), np.repeat(ys[:, -1], 2), np.repeat(headings[:, -1], 2) + forks
+        length, width = np.repeat(length, 2) * rng.uniform(0.6, 0.85, len(forks)), width * 0.65
+    vessels = np.asarray(canvas.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+    return vessels + 0.5 * hila
 
 
-def _ribs(u, v, anatomy: _Anatomy) -> np.ndarray:
+def _ribs(u: np.ndarray, v: np.ndarray, anatomy: _Anatomy) -> np.ndarray:
     """Posterior rib arcs (rising from the spine, then curving down laterally) plus fainter anterior ones."""
     d = np.abs(u - anatomy.midline)
     posterior = (v + 0.35 * d - 2.0 * d**2) / anatomy.rib_spacing + anatomy.rib_phase
@@ -348,7 +382,7 @@ def _ribs(u, v, anatomy: _Anatomy) -> np.ndarray:
     return bands * cage * _soft_step(v - anatomy.apex_v + 0.05, 0.03) * _soft_step(anatomy.base_v["left"] - v, 0.08)
 
 
-def _body(u, v, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
+def _body(u: np.ndarray, v: np.ndarray, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
     """Soft body outline (neck, sloping shoulders, chest wall) and a tissue-thickness profile across it."""
     d = np.abs(u - anatomy.midline)
     shoulder_line = 0.1 * np.clip((d - 0.09) / 0.4, 0, 1) ** 0.7  # top edge of the shoulders
@@ -358,7 +392,8 @@ def _body(u, v, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
     return body, thickness
 
 
-def _clavicles(u, v, anatomy: _Anatomy) -> np.ndarray:
+def _clavicles(u: np.ndarray, v: np.ndarray, anatomy: _Anatomy) -> np.ndarray:
+    """Two bright S-curved bands from the sternal ends out over the lung apices."""
     d = np.abs(u - anatomy.midline)
     along = np.clip((d - 0.04) / 0.28, 0, 1)
     centre = anatomy.apex_v + 0.04 - 0.07 * along + 0.025 * np.sin(np.pi * along)
@@ -385,83 +420,116 @@ def _zone_centre(rng: np.random.Generator, anatomy: _Anatomy, side: str, zone: s
     return anatomy.midline + _IMAGE_SIGN[side] * d, v
 
 
-def _patches(rng, u, v, centre, spread, blobs: int, blob_size: float, texture: np.ndarray) -> np.ndarray:
-    """Union of a few soft blobs around `centre`, roughened by `texture`: patchy airspace disease."""
-    field = np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=np.float32)
-    for _ in range(blobs):
-        cu, cv = centre[0] + rng.normal(0, spread[0]), centre[1] + rng.normal(0, spread[1])
-        size = blob_size * rng.uniform(0.7, 1.3)
-        field = np.maximum(field, np.exp(-(((u - cu) ** 2 + (v - cv) ** 2) / (2 * size**2))))
-    return _soft_step(field + 0.35 * texture - 0.5, 0.4)
+def _airspace_patch(
+    rng: np.random.Generator,
+    u: np.ndarray,
+    v: np.ndarray,
+    centre: tuple[float, float],
+    size: float,
+    texture: np.ndarray,
+    patchiness: float,
+) -> np.ndarray:
+    """An irregular, ill-defined airspace opacity: a randomly oriented soft ellipse frayed by `texture`."""
+    angle = rng.uniform(0, np.pi)
+    along = (u - centre[0]) * math.cos(angle) + (v - centre[1]) * math.sin(angle)
+    across = -(u - centre[0]) * math.sin(angle) + (v - centre[1]) * math.cos(angle)
+    length, width = size * rng.uniform(1.0, 1.4), size * rng.uniform(0.6, 0.9)
+    envelope = np.exp(-0.5 * ((along / length) ** 2 + (across / width) ** 2))
+    return _soft_step(envelope + patchiness * texture - 0.4, 0.9) * _soft_step(envelope - 0.1, 0.15)
 
 
-def _draw_finding(rng, finding: _Finding, u, v, anatomy, aeration: dict[str, np.ndarray], texture):
-    """The density layers (one per box) a finding adds. `aeration` is how much each lung's air lowers the
-    density per pixel; fluid or tissue filling a fraction of it adds that fraction back."""
+def _draw_finding(
+    rng: np.random.Generator,
+    finding: _Finding,
+    u: np.ndarray,
+    v: np.ndarray,
+    anatomy: _Anatomy,
+    depth: dict[str, np.ndarray],
+    markings: np.ndarray,
+    texture: np.ndarray,
+) -> list[np.ndarray]:
+    """The density layers (one per box) a finding adds inside the lungs (`depth` per side). Lung air lowers
+    the density by `air * (darkness - markings)`; fluid or tissue filling a fraction of it adds that back,
+    dense ones a little more."""
     category, side, severity = finding.category, finding.side, finding.severity
-    if category == "Pleural Effusion":
+    air = {key: _air(value) for key, value in depth.items()}
+    aerated = {key: value * (_LUNG_DARKNESS - markings) for key, value in air.items()}
+    lung = {key: _soft_step(value, _EDGE) for key, value in depth.items()}
+    if category == "Pleural Effusion":  # as dense as the abdomen below, with a meniscus
         d = _IMAGE_SIGN[side] * (u - anatomy.midline)
         height = (0.07, 0.12, 0.18)[severity] + rng.uniform(-0.01, 0.01)
         lateral = np.clip((d - 0.1) / (anatomy.lung_outer - 0.1), 0, 1)
         meniscus = anatomy.base_v[side] - height - 0.07 * lateral**2  # fluid climbs the lateral chest wall
-        return [aeration[side] * _soft_step(v - meniscus, 0.03) * (0.85 + 0.15 * _soft_step(v - meniscus - 0.05, 0.1))]
-    if category == "Pneumothorax":
-        width = (0.035, 0.055, 0.08)[severity]
+        fluid = _soft_step(v - meniscus, 0.03) * (0.8 + 0.2 * _soft_step(v - meniscus - 0.05, 0.1))
+        return [fluid * (aerated[side] + 0.24 * lung[side])]
+    if category == "Pneumothorax":  # air without lung: darker, no vessel markings, a thin pleural line
+        width = (0.045, 0.07, 0.1)[severity]
         extent = anatomy.apex_v + (0.35, 0.45, 0.55)[severity] * (anatomy.base_v[side] - anatomy.apex_v)
         upper = _soft_step(extent - v, 0.05)
         collapsed = _lung_depth(u, v, anatomy, side, shrink=width, apex_drop=0.7 * width)
-        rim = _soft_step(-collapsed, _EDGE) * upper * (aeration[side] > 0)
+        rim = _soft_step(-collapsed, _EDGE) * upper * air[side]
         lateral_part = _IMAGE_SIGN[side] * (u - anatomy.midline) > anatomy.apex_d - 0.04
-        pleural_line = np.exp(-((collapsed / 0.004) ** 2)) * (aeration[side] > 0.1) * upper * lateral_part
-        # Air without lung tissue: darker than the aerated lung, no vessel markings.
-        return [-rim * (0.12 + aeration[side] - _LUNG_DARKNESS * (aeration[side] > 0)) + 0.12 * pleural_line]
-    if category == "Edema":
+        pleural_line = np.exp(-((collapsed / 0.004) ** 2)) * (air[side] > 0.5) * upper * lateral_part
+        return [-rim * (0.14 + markings) + 0.12 * pleural_line]
+    if category == "Edema":  # bilateral perihilar haze, one layer per lung
+        strength = (0.6, 0.7, 0.8)[severity]
         layers = []
         for lung_side in ("right", "left"):
             du = _IMAGE_SIGN[lung_side] * (u - anatomy.midline) - _mediastinal_border(v, anatomy, lung_side)
             haze = np.exp(-(((du - 0.03) / 0.11) ** 2 + ((v - anatomy.hilum_v) / 0.15) ** 2))
-            strength = (0.45, 0.55, 0.65)[severity]
-            layers.append(strength * haze * (0.8 + 0.2 * texture) * aeration[lung_side])
+            layers.append(strength * haze * (0.8 + 0.2 * texture) * aerated[lung_side])
         return layers
-    if category == "Atelectasis":
+    if category == "Atelectasis":  # a plate-like band at the base
         cu, cv = _zone_centre(rng, anatomy, side, "base")
         angle = rng.uniform(-0.3, 0.3) * _IMAGE_SIGN[side]
-        along = (u - cu) * np.cos(angle) + (v - cv) * np.sin(angle)
-        across = -(u - cu) * np.sin(angle) + (v - cv) * np.cos(angle)
+        along = (u - cu) * math.cos(angle) + (v - cv) * math.sin(angle)
+        across = -(u - cu) * math.sin(angle) + (v - cv) * math.cos(angle)
         half_length, thickness = rng.uniform(0.08, 0.12), rng.uniform(0.012, 0.018)
         band = np.exp(-((across / thickness) ** 2)) * _soft_step(half_length - np.abs(along), 0.05)
-        return [0.85 * band * aeration[side]]
+        return [band * (aerated[side] + 0.05 * lung[side])]
     centre = _zone_centre(rng, anatomy, side, finding.zone)
-    if category == "Lung Opacity":
+    if category == "Lung Opacity":  # hazy and faint
         size = rng.uniform(0.055, 0.075)
         haze = np.exp(-(((u - centre[0]) ** 2 + (v - centre[1]) ** 2) / (2 * size**2)))
-        return [0.45 * haze * (0.8 + 0.2 * texture) * aeration[side]]
-    if category == "Consolidation":
-        return [0.85 * _patches(rng, u, v, centre, (0.02, 0.025), 4, 0.032, texture) * aeration[side]]
+        return [0.55 * haze * (0.8 + 0.2 * texture) * aerated[side]]
+    if category == "Consolidation":  # dense, fairly compact
+        patch = _airspace_patch(rng, u, v, centre, 0.045, texture, 0.25)
+        return [patch * (aerated[side] + 0.08 * lung[side])]
     # Pneumonia: larger, patchier airspace disease.
-    patch = _patches(rng, u, v, centre, (0.035, 0.04), 6, 0.03, texture)
-    return [0.75 * patch * (0.7 + 0.3 * texture) * aeration[side]]
+    patch = _airspace_patch(rng, u, v, centre, 0.06, texture, 0.45)
+    return [patch * (aerated[side] + 0.05 * lung[side])]
 
 
-def _grid(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates of a portrait image: width = resolution, height = width * U(1.0, 1.2)."""
-    height = int(round(resolution * rng.uniform(1.0, 1.2)))
-    u = ((np.arange(resolution, dtype=np.float32) + 0.5) / resolution)[None, :]
-    v = ((np.arange(height, dtype=np.float32) + 0.5) / height)[:, None]
-    return u, v
+def _image_grid(rng: np.random.Generator, resolution: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    """The output size (width = resolution, height = width * U(1.0, 1.2): portrait) and pixel-centre coordinates
+    of the canvas drawn on, at least _MIN_DRAWN_WIDTH wide so that small images come out anti-aliased."""
+    aspect = rng.uniform(1.0, 1.2)
+    drawn_width = max(resolution, _MIN_DRAWN_WIDTH)
+    drawn_height = round(drawn_width * aspect)
+    u = ((np.arange(drawn_width, dtype=np.float32) + 0.5) / drawn_width)[None, :]
+    v = ((np.arange(drawn_height, dtype=np.float32) + 0.5) / drawn_height)[:, None]
+    return (resolution, round(resolution * aspect)), u, v
 
 
-def _finish(rng: np.random.Generator, density: np.ndarray, resolution: int) -> np.ndarray:
-    """Exposure, smooth intensity variation, a little blur and quantum noise; 8-bit grey."""
+def _resize(field: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float field brought to size (width, height); reductions average (anti-aliasing)."""
+    if field.shape == (size[1], size[0]):
+        return field
+    return np.asarray(Image.fromarray(field.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+
+
+def _finish(rng: np.random.Generator, density: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Output size, exposure, smooth intensity variation and quantum noise; 8-bit grey."""
+    density = _resize(density, size)
     shape = density.shape
     density = density * (1 + 0.05 * _smooth_noise(rng, shape, 4)) * rng.uniform(0.93, 1.05)
-    density = ndimage.gaussian_filter(density, 0.002 * resolution) + rng.normal(0, 0.01, shape)
+    density = density + 0.01 * rng.standard_normal(shape, dtype=np.float32)
     return np.round(255 * np.clip(density, 0, 1)).astype(np.uint8)
 
 
 def _render_frontal(rng: np.random.Generator, resolution: int, view: str) -> tuple[np.ndarray, list[_Finding]]:
     """A frontal radiograph (uint8, portrait, short side = resolution) and its findings with boxes."""
-    u, v = _grid(rng, resolution)
+    size, u, v = _image_grid(rng, resolution)
     shape = (v.shape[0], u.shape[1])
     findings = _sample_findings(rng)
     cardiomegaly = [f.severity for f in findings if f.category == "Cardiomegaly"]
@@ -473,51 +541,62 @@ def _render_frontal(rng: np.random.Generator, resolution: int, view: str) -> tup
     mediastinum = _soft_step(np.minimum(borders["left"] - offset, borders["right"] + offset), _EDGE)
     mediastinum = mediastinum * _soft_step(anatomy.base_v["left"] - v, 0.04)
     heart = mediastinum * _soft_step(v - anatomy.heart_v + 0.9 * anatomy.heart_height, 0.05)
-    markings = 0.11 * _pulmonary_vessels(rng, anatomy, shape) + 0.015 * _smooth_noise(rng, shape, 40)
+    markings = 0.13 * _pulmonary_vessels(rng, u, v, anatomy)
     darkness = _LUNG_DARKNESS * (1 - 0.2 * np.clip((v - anatomy.hilum_v) / 0.4, 0, 1))  # lower lungs denser
-    aeration = {side: _air(_lung_depth(u, v, anatomy, side)) * (darkness - markings) for side in ("right", "left")}
+    depth = {side: _lung_depth(u, v, anatomy, side) for side in ("right", "left")}
+    air = {side: _air(value) for side, value in depth.items()}
+    all_air = air["right"] + air["left"]
     body, thickness = _body(u, v, anatomy)
     spine = _soft_step(0.03 - d, 0.012) * (0.8 + 0.2 * np.cos(2 * np.pi * v / 0.045))
     trachea = _soft_step(0.017 - d, 0.01) * _soft_step(anatomy.hilum_v - 0.05 - v, 0.05)
-    abdomen = _soft_step(v - anatomy.base_v["left"] + anatomy.dome_height, 0.1)
+    diaphragm = np.where(offset < 0, _dome(u, anatomy, "right"), _dome(u, anatomy, "left"))
+    flank = np.clip(d - anatomy.lung_outer, 0, None)  # beside the lungs the abdomen's top edge is vague
+    abdomen = _soft_step(v - diaphragm - flank, _EDGE + 2 * flank)  # complements the lungs' lower edge
+    abdomen = abdomen * _soft_step(anatomy.lung_outer + 0.03 - d, 0.1)
     bubble = _soft_step(1 - np.hypot((offset - 0.18) / 0.05, (v - anatomy.base_v["left"] - 0.04) / 0.025), 0.4)
-    all_air = (aeration["right"] + aeration["left"]) / _LUNG_DARKNESS
     solid = np.maximum(abdomen, mediastinum * (0.8 + 0.2 * heart))  # heart and liver merge at the diaphragm
     density = body * (0.36 + 0.14 * thickness + 0.24 * solid)
     density += body * (0.04 * spine * (1 - 0.6 * heart) - 0.08 * trachea - 0.07 * bubble)
     density += _ribs(u, v, anatomy) * (0.015 + 0.045 * all_air) + 0.1 * _clavicles(u, v, anatomy) * body
-    density -= aeration["right"] + aeration["left"]
-    texture = _smooth_noise(rng, shape, 32)
+    density -= all_air * (darkness - markings)
+    texture = _smooth_noise(rng, shape, 32) if findings else np.zeros(shape, np.float32)
     placed = []
     for finding in findings:
         if finding.category == "Cardiomegaly":
             layers = [heart]
         else:
-            layers = _draw_finding(rng, finding, u, v, anatomy, aeration, texture)
+            layers = _draw_finding(rng, finding, u, v, anatomy, depth, markings, texture)
             for layer in layers:
                 density += layer
-        boxes = tuple(box for box in map(_support_box, layers) if box is not None)
+        boxes = tuple(box for box in (_support_box(_resize(layer, size)) for layer in layers) if box is not None)
         if boxes:
             placed.append(replace(finding, boxes=boxes))
-    return _finish(rng, density, resolution), placed
+    return _finish(rng, density, size), placed
 
 
 def _render_lateral(rng: np.random.Generator, resolution: int) -> np.ndarray:
-    """A plausible lateral view: sternum to the image's left, spine to the right, one large air space."""
-    u, v = _grid(rng, resolution)
-    front = 0.14 + 0.2 * (v - 0.5) ** 2
-    trunk = _soft_step(u - front, 0.03) * _soft_step(0.92 - u - 0.1 * (v - 0.5) ** 2, 0.04)
-    arms = _soft_step(1 - np.hypot((u - 0.45) / 0.3, (v - 0.02) / 0.16), 0.4)
-    dome = 0.62 + 0.16 * np.clip((u - 0.25) / 0.55, 0, 1) ** 1.5
-    top = 0.1 + 0.4 * (u - 0.5) ** 2
-    air = _air(np.minimum(np.minimum(u - front - 0.06, 0.82 - u), np.minimum(dome - v, v - top)))
-    heart = _soft_step(1 - np.hypot((u - 0.36) / 0.15, (v - 0.6) / 0.15), 0.3)
-    column = u - 0.76 - 0.06 * (v - 0.5)
-    spine = _soft_step(0.045 - np.abs(column), 0.015) * (0.6 + 0.4 * _soft_step(np.cos(2 * np.pi * v / 0.05) + 0.5, 0.3))
-    sternum = np.exp(-(((u - front - 0.015) / 0.008) ** 2)) * _soft_step(0.55 - v, 0.05)
-    density = trunk * (0.5 + 0.2 * _soft_step(v - dome, 0.02) + 0.12 * arms + 0.15 * spine + 0.06 * sternum)
+    """A plausible lateral view: sternum to the image's left, vertebral column to the right, raised arms
+    on top, one large air space with the heart in front and the diaphragm sloping down to the back."""
+    size, u, v = _image_grid(rng, resolution)
+    shift = rng.uniform(-0.03, 0.03)
+    u = u + shift
+    front, back = 0.1 + 0.3 * (v - 0.55) ** 2, 0.93 - 0.2 * (v - 0.5) ** 2
+    trunk = _soft_step(u - front, 0.02) * _soft_step(back - u, 0.03)
+    dome = 0.63 + 0.17 * ((u - 0.15) / 0.7) ** 2
+    lung_shape = 0.3 * (1 - np.hypot((u - 0.5) / 0.33, (v - 0.47) / 0.42))
+    air = _air(np.minimum(np.minimum(lung_shape, dome - v), u - front - 0.05))
+    heart = _soft_step(1 - np.hypot((u - 0.32) / 0.17, (v - 0.64) / 0.16), 0.3)
+    column = np.abs(u - 0.79 + 0.1 * (v - 0.5) ** 2)
+    vertebrae = _soft_step(np.cos(2 * np.pi * (v / 0.056 + shift)) + 0.7, 0.4)  # bodies with disc spaces
+    spine = _soft_step(0.045 - column, 0.015) * (0.5 + 0.5 * vertebrae)
+    trachea = _soft_step(0.02 - np.abs(u - 0.5 - 0.17 * v), 0.015) * _soft_step(0.36 - v, 0.04)
+    arms = _soft_step(0.17 - v - 0.3 * (u - 0.5) ** 2, 0.08)
+    sternum = np.exp(-(((u - front - 0.02) / 0.008) ** 2)) * _soft_step(0.6 - v, 0.05)
+    abdomen = _soft_step(v - dome, 0.02)
+    density = trunk * (0.48 + 0.18 * abdomen + 0.1 * arms + 0.16 * spine + 0.06 * sternum - 0.04 * trachea)
     density -= 0.3 * air * (1 - 0.6 * heart)
-    return _finish(rng, density, resolution)
+    return _finish(rng, density, size)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Reports.
@@ -623,17 +702,13 @@ _NORMAL_IMPRESSIONS = (
 _INDICATIONS = (
     "___F with cough",
     "___M with shortness of breath",
-    "___F with fever and cough, eval for pneumonia",
+    "___F with fever and productive cough",
     "___M with chest pain",
     "___-year-old woman with dyspnea",
     "___-year-old man, preoperative evaluation",
 )
 _REPORT_WIDTH = 78
 _KEEP_TOGETHER = "\x00"  # stands in for spaces inside a finding phrase so wrapping never splits it
-
-
-def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.integers(len(options)))]
 
 
 def _fill(template: str, finding: _Finding) -> str:
@@ -658,7 +733,9 @@ def _wrap(sentences: Iterable[str]) -> list[str]:
     return [" " + line.replace(_KEEP_TOGETHER, " ") for line in lines]
 
 
-def _write_report(rng, study: _Study, findings: list[_Finding]) -> tuple[str, list[str], dict[str, float]]:
+def _write_report(
+    rng: np.random.Generator, study: _Study, findings: list[_Finding]
+) -> tuple[str, list[str], dict[str, float]]:
     """Report text, each finding's label phrase (as it appears in the report), and CheXpert labels."""
     frontal = study.images[0].view
     if frontal == "AP":
@@ -683,12 +760,14 @@ def _write_report(rng, study: _Study, findings: list[_Finding]) -> tuple[str, li
         body += [text for text, _ in negations] + ["The cardiomediastinal silhouette is within normal limits."]
         impression = [_pick(rng, _NORMAL_IMPRESSIONS)]
     else:
-        described = kept if not has_impression else [_fill(_pick(rng, _FINDINGS_TEMPLATES[f.category]), f) for f in findings]
+        described = (
+            kept if not has_impression else [_fill(_pick(rng, _FINDINGS_TEMPLATES[f.category]), f) for f in findings]
+        )
         body = [technique, *described, *(text for text, _ in negations)]
         impression = kept
     lines = [
         " " * 33 + "FINAL REPORT",
-        f" EXAMINATION:  {_PROCEDURE[frontal]}",
+        f" EXAMINATION:  {study.procedure}",
         " ",
         f" INDICATION:  {_pick(rng, _INDICATIONS)}",
         " ",
@@ -711,26 +790,61 @@ def _write_report(rng, study: _Study, findings: list[_Finding]) -> tuple[str, li
 # Files.
 
 
-def _csv_bytes(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
+def _csv_bytes(columns: Sequence[str], rows: Iterable[dict]) -> bytes:
+    """CSV text in `columns` order; a column a row lacks is an empty cell (CheXpert's "not mentioned")."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="raise")
+    writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().encode()
 
 
-def _write_gzip_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """gzip with mtime=0 and no stored file name, so the bytes depend only on the content."""
-    path.write_bytes(gzip.compress(_csv_bytes(columns, rows), compresslevel=6, mtime=0))
-
-
 def _save_jpeg(path: Path, pixels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode="L").save(path, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=JPEG_QUALITY)
 
 
-def _label_cell(value: float | None) -> str:
-    return "" if value is None else f"{value:.1f}"
+def _write_study(
+    rng: np.random.Generator, study: _Study, out_dir: Path, resolution: int, tables: dict[str, list[dict]]
+) -> None:
+    """Draw and save a study's images and report; append its rows to the tables (keyed by file name)."""
+    for image in study.images:
+        if image.view == "LATERAL":
+            pixels = _render_lateral(rng, resolution)
+        else:
+            pixels, findings = _render_frontal(rng, resolution, image.view)
+        relative_path = f"{study.folder}/{image.dicom_id}.jpg"
+        _save_jpeg(out_dir / relative_path, pixels)
+        height, width = pixels.shape
+        ids = {"dicom_id": image.dicom_id, "subject_id": study.subject_id, "study_id": study.study_id}
+        tables[METADATA_FILE].append(
+            ids
+            | {
+                "PerformedProcedureStepDescription": study.procedure,
+                "ViewPosition": image.view_position,
+                "Rows": height,
+                "Columns": width,
+                "StudyDate": study.study_date,
+                "StudyTime": f"{study.study_time:.3f}",
+                "ProcedureCodeSequence_CodeMeaning": study.procedure,
+                "ViewCodeSequence_CodeMeaning": _VIEW_CODE[image.view],
+                "PatientOrientationCodeSequence_CodeMeaning": _ORIENTATION[image.view],
+            }
+        )
+        tables[SPLIT_FILE].append(ids | {"split": study.split})
+        if image.view == "LATERAL":
+            continue
+        report, phrases, labels = _write_report(rng, study, findings)
+        (out_dir / f"{study.folder}.txt").write_text(report)
+        labels = {column: f"{value:.1f}" for column, value in labels.items()}
+        tables[CHEXPERT_FILE].append({"subject_id": study.subject_id, "study_id": study.study_id} | labels)
+        for finding, phrase in zip(findings, phrases, strict=True):
+            tables[MS_CXR_FILE].extend(
+                {"dicom_id": image.dicom_id, "category_name": finding.category, "label_text": phrase}
+                | {"path": relative_path, "x": x, "y": y, "w": w, "h": h}
+                | {"image_width": width, "image_height": height, "split": _MS_CXR_SPLIT[study.split]}
+                for x, y, w, h in finding.boxes
+            )
 
 
 def generate_synthetic_dataset(out_dir: Path, n: int, resolution: int, seed: int) -> Path:
@@ -744,53 +858,19 @@ def generate_synthetic_dataset(out_dir: Path, n: int, resolution: int, seed: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layout_seed, *study_seeds = np.random.SeedSequence(seed).spawn(n + 1)
-    studies = _plan_studies(np.random.default_rng(layout_seed), n)
-    metadata, splits, chexpert, ms_cxr = [], [], [], []
-    for study, study_seed in zip(studies, study_seeds, strict=True):
-        rng = np.random.default_rng(study_seed)
-        for image in study.images:
-            if image.view == "LATERAL":
-                pixels = _render_lateral(rng, resolution)
-            else:
-                pixels, findings = _render_frontal(rng, resolution, image.view)
-            relative_path = f"{study.folder}/{image.dicom_id}.jpg"
-            _save_jpeg(out_dir / relative_path, pixels)
-            height, width = pixels.shape
-            procedure = _PROCEDURE[study.images[0].view]
-            metadata.append(
-                (
-                    image.dicom_id,
-                    study.subject_id,
-                    study.study_id,
-                    procedure,
-                    image.view_position,
-                    height,
-                    width,
-                    study.study_date,
-                    f"{study.study_time:.3f}",
-                    procedure,
-                    _VIEW_CODE[image.view],
-                    _ORIENTATION[image.view],
-                )
-            )
-            splits.append((image.dicom_id, study.study_id, study.subject_id, study.split))
-            if image.view == "LATERAL":
-                continue
-            report, phrases, labels = _write_report(rng, study, findings)
-            (out_dir / f"{study.folder}.txt").write_text(report)
-            chexpert.append(
-                (study.subject_id, study.study_id, *(_label_cell(labels.get(c)) for c in CHEXPERT_COLUMNS[2:]))
-            )
-            for finding, phrase in zip(findings, phrases, strict=True):
-                for x, y, w, h in finding.boxes:
-                    ms_cxr.append(
-                        (image.dicom_id, finding.category, phrase, relative_path, x, y, w, h, width, height,
-                         _MS_CXR_SPLIT[study.split])
-                    )
-    _write_gzip_csv(out_dir / METADATA_FILE, METADATA_COLUMNS, metadata)
-    _write_gzip_csv(out_dir / SPLIT_FILE, SPLIT_COLUMNS, splits)
-    _write_gzip_csv(out_dir / CHEXPERT_FILE, CHEXPERT_COLUMNS, chexpert)
-    (out_dir / MS_CXR_FILE).write_bytes(_csv_bytes(MS_CXR_COLUMNS, ms_cxr))
+    columns = {
+        METADATA_FILE: METADATA_COLUMNS,
+        SPLIT_FILE: SPLIT_COLUMNS,
+        CHEXPERT_FILE: CHEXPERT_COLUMNS,
+        MS_CXR_FILE: MS_CXR_COLUMNS,
+    }
+    tables: dict[str, list[dict]] = {name: [] for name in columns}
+    for study, study_seed in zip(_plan_studies(np.random.default_rng(layout_seed), n), study_seeds, strict=True):
+        _write_study(np.random.default_rng(study_seed), study, out_dir, resolution, tables)
+    for name, rows in tables.items():
+        table = _csv_bytes(columns[name], rows)
+        # gzip with mtime=0 and no stored file name, so the bytes depend only on the content.
+        (out_dir / name).write_bytes(gzip.compress(table, mtime=0) if name.endswith(".gz") else table)
     return out_dir
 
 
