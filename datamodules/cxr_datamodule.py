@@ -14,7 +14,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.mimic import (
@@ -93,20 +94,28 @@ class CxrDataModule(L.LightningDataModule):
         self.index(self.train_split)
         self.index(self.val_split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            MimicCxrDataset(self.index(split), self.resolution),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_skipping_bad,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            drop_last=False,
-        )
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Epoch-seeded shuffling, sharded per process, and a loader whose position is saved in checkpoints.
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, shuffle=True)
+        Lightning stores the state of a stateful loader in the checkpoint, so a run resumed mid-epoch continues
+        with the very next batch. The sampler is built for this process's rank: Lightning leaves a
+        DistributedSampler as it is, which keeps shuffling identical between 1 and N processes.
+        """
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        dataset = MimicCxrDataset(self.index(self.train_split), self.resolution)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+        return StatefulDataLoader(dataset, sampler=sampler, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, shuffle=False)
+        dataset = MimicCxrDataset(self.index(self.val_split), self.resolution)
+        return DataLoader(dataset, shuffle=False, **self._loader_options())
+
+    def _loader_options(self) -> dict:
+        # An explicit generator keeps loaders from drawing on the global RNG, which training noise relies on.
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": collate_skipping_bad,
+            "generator": torch.Generator().manual_seed(self.seed),
+        }

@@ -69,6 +69,7 @@ class LatentDiffusionModule(L.LightningModule):
         # Frozen parts are rebuilt from their sources, so checkpoints hold only what trains.
         self.strict_loading = False
         self.skipped_samples = 0
+        self._rng_states_to_restore: dict | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig, vae_folder: Path | None = None) -> LatentDiffusionModule:
@@ -190,6 +191,11 @@ class LatentDiffusionModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Lightning keeps each module's mode; parts loaded with from_pretrained arrive in eval mode."""
         self.train()
+        if self._rng_states_to_restore is not None:  # after the sanity check, right before the first resumed step
+            torch.set_rng_state(self._rng_states_to_restore["torch"])
+            if "cuda" in self._rng_states_to_restore:
+                torch.cuda.set_rng_state_all(self._rng_states_to_restore["cuda"])
+            self._rng_states_to_restore = None
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """EMA follows every optimizer step here, before callbacks (checkpointing) see the step's end."""
@@ -233,6 +239,10 @@ class LatentDiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trainable_parts"] = list(self.trainable)
         checkpoint["skipped_samples"] = self.skipped_samples
+        # Timesteps, noise and caption dropout come from the global RNG: a resumed run must draw the same.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
@@ -244,6 +254,7 @@ class LatentDiffusionModule(L.LightningModule):
                 "set model.trainable to match the checkpoint"
             )
         self.skipped_samples = int(checkpoint.get("skipped_samples", 0))
+        self._rng_states_to_restore = checkpoint.get("rng_states")
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 

@@ -143,3 +143,14 @@ def tiny_overrides(tiny_model_dir: Path, synthetic_root: Path, tmp_path: Path) -
         "callbacks.sample_grid.every_n_steps=2",
         "logger.wandb.enabled=false",
     ]
+
+
+@pytest.fixture
+def tiny_training_overrides(tiny_overrides: list[str]) -> list[str]:
+    """The tiny run without the in-training evaluations, for tests about training itself."""
+    return [
+        *tiny_overrides,
+        "callbacks.grounding.enabled=false",
+        "callbacks.attention_heatmaps.enabled=false",
+        "callbacks.fidelity.enabled=false",
+    ]
