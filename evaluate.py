@@ -16,11 +16,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse
 from collections.abc import Sequence
 
+from grounding.evaluation import register as register_grounding
+from metrics.fidelity_evaluation import register as register_fidelity
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="command", required=True)
-    del subcommands  # subcommands register here: each module's `register(subcommands)` sets `run`
+    register_grounding(subcommands)
+    register_fidelity(subcommands)
     return parser
 
 

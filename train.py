@@ -24,18 +24,25 @@ import argparse
 import itertools
 import json
 import logging
+import pickle
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.attention_heatmaps import AttentionHeatmapCallback
 from callbacks.export_pipeline import ExportPipelineCallback
+from callbacks.fidelity import FIDCallback
+from callbacks.grounding import GroundingCallback
 from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
 from configs import load_config
@@ -45,6 +52,7 @@ from lightning_modules.components import build_vae
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
 log = logging.getLogger("cxr_diffusion")
+report_line = rank_zero_only(print)  # one process speaks for the run
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,8 +62,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+RUN_NAME_VARIABLE = "CXR_DIFFUSION_RUN_NAME"
+
+
 def make_run_dir(cfg: DictConfig) -> Path:
-    """A fresh timestamped folder under ``run_dir``, or the folder of the checkpoint being resumed."""
+    """The run folder: the resumed checkpoint's, or a new one that every process of the run agrees on.
+
+    Processes that Lightning spawns inherit the name through an environment variable; processes started by SLURM
+    share the job id, so a requeued job finds its folder (and Lightning's requeue checkpoint in it) again.
+    """
     if cfg.resume == "last":
         candidates = sorted(Path(cfg.run_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
@@ -66,8 +81,13 @@ def make_run_dir(cfg: DictConfig) -> Path:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"resume: checkpoint '{checkpoint}' does not exist")
         return checkpoint.parent.parent
-    run_dir = Path(cfg.run_dir) / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    run_dir.mkdir(parents=True)
+    name = os.environ.get(RUN_NAME_VARIABLE)
+    if name is None:
+        job = os.environ.get("SLURM_JOB_ID")
+        name = f"slurm-{job}" if job else datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        os.environ[RUN_NAME_VARIABLE] = name
+    run_dir = Path(cfg.run_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -93,6 +113,14 @@ def build_datamodule(cfg: DictConfig, root: Path, batch_size: int, tokenizer=Non
     )
 
 
+def wandb_run_id(run_dir: Path, job: str) -> str | None:
+    """The W&B run id of this run folder and job, created once and kept beside the checkpoints."""
+    id_file = run_dir / f"wandb-{job}.id"
+    if not id_file.is_file() and rank_zero_only.rank == 0:  # other ranks log nothing to W&B
+        id_file.write_text(uuid.uuid4().hex[:12])
+    return id_file.read_text().strip() if id_file.is_file() else None
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path, job: str) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
@@ -109,6 +137,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, job: str) -> list[Logger]:
                 tags=list(wandb_cfg.tags),
                 job_type=job,
                 mode=wandb_cfg.mode,
+                id=wandb_run_id(run_dir, job),
+                resume="allow",  # a resumed run continues the same W&B run and its curves
             )
         )
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -134,7 +164,7 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
     """Train the VAE on the training images, measure held-out reconstruction before/after, cache it."""
     folder = vae_cache_folder(cfg, root)
     if (folder / "config.json").is_file() and cfg.stage != "autoencoder":
-        print(f"[autoencoder] reusing the VAE trained on this data: {folder}")
+        report_line(f"[autoencoder] reusing the VAE trained on this data: {folder}")
         return folder
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
@@ -157,6 +187,7 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
         check_val_every_n_epoch=None,
         limit_val_batches=ae_cfg.val_batches,
         enable_checkpointing=False,
+        inference_mode=False,  # its metric is updated by validate() before fit() and again after
         gradient_clip_val=None,
     )
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["autoencoder/val_reconstruction_mse"]
@@ -180,7 +211,7 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
         (staging / "training.json").write_text(json.dumps(report, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
-        print(
+        report_line(
             f"[autoencoder] held-out reconstruction MSE {before:.4f} -> {after:.4f} "
             f"in {report['seconds']} s; VAE cached at {folder}"
         )
@@ -191,6 +222,12 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
 def evaluation_callbacks(cfg: DictConfig, root: Path, run_dir: Path) -> list[L.Callback]:
     """The periodic in-training evaluations (grounding, fidelity), each enabled by its ``callbacks.*`` config."""
     callbacks: list[L.Callback] = []
+    if cfg.callbacks.attention_heatmaps.enabled:
+        callbacks.append(AttentionHeatmapCallback.from_config(cfg, root, run_dir / "images"))
+    if cfg.callbacks.grounding.enabled:
+        callbacks.append(GroundingCallback.from_config(cfg, root))
+    if cfg.callbacks.fidelity.enabled:
+        callbacks.append(FIDCallback.from_config(cfg, root))
     return callbacks
 
 
@@ -214,16 +251,31 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
         cfg.sampling.guidance_scale,
         seed=cfg.seed,
     )
-    callbacks: list[L.Callback] = [checkpoints, LearningRateMonitor(logging_interval="step"), samples]
+    # On SIGTERM/SIGINT or a crash, last.ckpt holds the state at the interruption (written atomically by Lightning).
+    on_interrupt = OnExceptionCheckpoint(dirpath=run_dir / "checkpoints", filename="last")
+    callbacks: list[L.Callback] = [checkpoints, on_interrupt, LearningRateMonitor(logging_interval="step"), samples]
     callbacks += evaluation_callbacks(cfg, root, run_dir)
     if cfg.callbacks.export_pipeline:
         callbacks.append(ExportPipelineCallback(run_dir / "pipeline"))
     loggers = build_loggers(cfg, run_dir, "diffusion")
     trainer = trainer_for(cfg, run_dir, callbacks, loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    checkpoint = resume_checkpoint(cfg, run_dir)
+    try:  # weights_only: a checkpoint never runs code when it is unpickled
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load checkpoint '{checkpoint}': it holds objects that would run code when unpickled"
+        ) from error
+    except SIGTERMException:
+        pass  # the scheduler's time limit: OnExceptionCheckpoint has written last.ckpt; reported below
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last)  # the final state, also when max_steps is not a multiple of checkpointing_steps
     finish_loggers(loggers)
+    if trainer.interrupted:
+        raise SystemExit(
+            f"[interrupted] at step {trainer.global_step}; {last} holds that state. "
+            f"Continue with: python train.py <the same arguments> resume={last}"
+        )
+    trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever checkpointing_steps was
     outputs = {
         "checkpoint": last,
         "metrics": run_dir / "diffusion" / "metrics.csv",
@@ -240,10 +292,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = make_run_dir(cfg)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(cfg, run_dir / "config.yaml")
     started = time.perf_counter()
     root = resolve_data_root(cfg.data)
-    print(f"[data] {root} (fingerprint {dataset_fingerprint(root)})")
+    report_line(f"[data] {root} (fingerprint {dataset_fingerprint(root)})")
     vae_folder = None
     if cfg.stage in ("all", "autoencoder") and cfg.model.vae.pretrained == "auto":
         vae_folder = train_autoencoder(cfg, root, run_dir)
@@ -257,11 +310,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     outputs = {"run_dir": run_dir, "config": run_dir / "config.yaml"}
     if cfg.stage != "autoencoder":
         outputs |= train_diffusion(cfg, root, vae_folder, run_dir)
-    print(f"\n[done] in {time.perf_counter() - started:.0f} s")
+    report_line(f"\n[done] in {time.perf_counter() - started:.0f} s")
     for name, path in outputs.items():
-        print(f"  {name:<11}{path}")
+        report_line(f"  {name:<11}{path}")
     if any(isinstance(p, Path) and p.name == "wandb" for p in run_dir.iterdir()):
-        print(f"  {'wandb':<11}{run_dir / 'wandb'}  (offline: `wandb sync {run_dir / 'wandb'}/offline-run-*`)")
+        report_line(f"  {'wandb':<11}{run_dir / 'wandb'}  (offline: `wandb sync {run_dir / 'wandb'}/offline-run-*`)")
     return outputs
 
 

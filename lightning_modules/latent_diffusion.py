@@ -7,6 +7,7 @@ gradients, are absent from the optimizer and are not written into checkpoints (t
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,7 @@ class LatentDiffusionModule(L.LightningModule):
         use_ema: bool = True,
         ema_decay: float = 0.9999,
         gradient_checkpointing: bool = False,
+        text_feature_cache_size: int = 0,
     ) -> None:
         super().__init__()
         unknown = set(trainable) - set(PART_NAMES)
@@ -70,6 +72,8 @@ class LatentDiffusionModule(L.LightningModule):
         self.strict_loading = False
         self.skipped_samples = 0
         self._rng_states_to_restore: dict | None = None
+        self.text_feature_cache_size = text_feature_cache_size
+        self.text_feature_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @classmethod
     def from_config(cls, cfg: DictConfig, vae_folder: Path | None = None) -> LatentDiffusionModule:
@@ -87,6 +91,7 @@ class LatentDiffusionModule(L.LightningModule):
             use_ema=train_cfg.use_ema,
             ema_decay=train_cfg.ema_decay,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
+            text_feature_cache_size=train_cfg.text_feature_cache_size,
         )
 
     # ----------------------------------------------------------------------------------------- parts & modes
@@ -102,7 +107,7 @@ class LatentDiffusionModule(L.LightningModule):
         return self
 
     # ----------------------------------------------------------------------------------------- encoders
-    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+    def _run_text_encoder(self, captions: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(
             list(captions),
             padding="max_length",
@@ -114,6 +119,25 @@ class LatentDiffusionModule(L.LightningModule):
         with torch.set_grad_enabled(self.training and "text_encoder" in self.trainable):
             output = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask if use_mask else None)
         return output[0]
+
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """Text features; a frozen encoder's are cached per caption (most of a small model's step otherwise).
+
+        Misses are encoded one caption at a time so a cached feature never depends on which batch filled it:
+        a resumed run, whose cache starts empty, computes bit-identical features.
+        """
+        if self.text_feature_cache_size == 0 or "text_encoder" in self.trainable:
+            return self._run_text_encoder(captions)
+        cache, features = self.text_feature_cache, []
+        for caption in captions:
+            if caption in cache:
+                cache.move_to_end(caption)
+            else:
+                cache[caption] = self._run_text_encoder([caption])[0].detach()
+                if len(cache) > self.text_feature_cache_size:
+                    cache.popitem(last=False)
+            features.append(cache[caption])
+        return torch.stack(features)
 
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled latents: a fresh sample of the VAE posterior, as latent diffusion trains."""

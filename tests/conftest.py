@@ -142,6 +142,10 @@ def tiny_overrides(tiny_model_dir: Path, synthetic_root: Path, tmp_path: Path) -
         "sampling.validation_prompts=[Small left pleural effusion.,Moderate cardiomegaly.]",
         "callbacks.sample_grid.every_n_steps=2",
         "logger.wandb.enabled=false",
+        "fidelity.domain_classifier.resolution=32",
+        "fidelity.domain_classifier.steps=5",
+        "callbacks.fidelity.num_inference_steps=2",
+        "fidelity.diversity.images_per_prompt=2",
     ]
 
 

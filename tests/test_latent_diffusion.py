@@ -209,3 +209,24 @@ def test_sampling_is_seeded_and_prompt_dependent(tiny_overrides):
     assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
     assert torch.equal(first, again)
     assert not torch.equal(first, other_seed)
+
+
+def test_frozen_text_features_are_cached_bounded_and_equal_to_fresh_ones(tiny_overrides):
+    module = tiny_module(tiny_overrides, "train.text_feature_cache_size=2")
+    module.eval()
+    fresh = module._run_text_encoder(CAPTIONS)
+    cached = module.encode_text(CAPTIONS)
+    torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
+    assert list(module.text_feature_cache) == CAPTIONS[-2:]  # least recently used captions evicted
+    calls = []
+    run = module._run_text_encoder
+    module._run_text_encoder = lambda captions: calls.append(list(captions)) or run(captions)
+    again = module.encode_text(CAPTIONS[-2:])
+    assert calls == [] and torch.equal(again, cached[-2:])
+
+
+def test_text_features_are_never_cached_for_a_trainable_encoder(tiny_overrides):
+    module = tiny_module(tiny_overrides, "train.text_feature_cache_size=8", "model.trainable=[unet,text_encoder]")
+    module.train()
+    features = module.encode_text(CAPTIONS)
+    assert features.requires_grad and not module.text_feature_cache

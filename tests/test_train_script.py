@@ -43,7 +43,10 @@ def test_train_script_leaves_checkpoint_config_metrics_samples_wandb_and_pipelin
 
     losses = [float(row["train/loss"]) for row in metric_rows(run_dir) if row.get("train/loss")]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
-    assert any(row.get("val/loss") for row in metric_rows(run_dir))
+    rows = metric_rows(run_dir)
+    assert any(row.get("val/loss") for row in rows)
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert "grounding/iou" in logged and any(key.startswith("fid/domain@") for key in logged)
 
     grids = sorted((run_dir / "images").glob("samples_step*.png"))
     assert [grid.name for grid in grids] == ["samples_step000002.png", "samples_step000003.png"]
@@ -63,9 +66,9 @@ def corrupted_copy(root: Path, destination: Path) -> tuple[Path, int]:
     return destination, 1
 
 
-def test_an_unreadable_image_is_skipped_and_counted_not_fatal(tiny_overrides, synthetic_root, tmp_path):
+def test_an_unreadable_image_is_skipped_and_counted_not_fatal(tiny_training_overrides, synthetic_root, tmp_path):
     root, corrupted = corrupted_copy(synthetic_root, tmp_path / "data")
-    overrides = [o for o in tiny_overrides if not o.startswith("data.root")]
+    overrides = [o for o in tiny_training_overrides if not o.startswith("data.root")]
     train.main(
         [
             *overrides,
@@ -82,9 +85,9 @@ def test_an_unreadable_image_is_skipped_and_counted_not_fatal(tiny_overrides, sy
 
 @pytest.mark.parametrize("stage", ["autoencoder"])
 def test_autoencoder_stage_learns_reconstruction_and_is_cached_for_the_diffusion_stage(
-    tiny_overrides, tmp_path, stage, capsys
+    tiny_training_overrides, tmp_path, stage, capsys
 ):
-    overrides = [o for o in tiny_overrides if not o.startswith("model.vae.pretrained")] + [
+    overrides = [o for o in tiny_training_overrides if not o.startswith("model.vae.pretrained")] + [
         "model.vae.pretrained=auto",
         "model.vae.block_out_channels=[16,16,16]",
         "autoencoder.max_steps=300",

@@ -1,0 +1,62 @@
+"""FID, classifier agreement and diversity during training, on the same dashboard and schedule as grounding."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from metrics.fidelity import FidelityMetrics
+from metrics.fidelity_evaluation import FidelityEvaluation
+
+
+class FIDCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training: generate M images from held-out report
+    captions (each process its share), compute the metrics synced over processes, log them from process 0.
+
+    Setup (process 0 first, the others wait): the domain classifier is trained if missing and the real images'
+    reference statistics are computed if not cached; only process 0 holds the reference.
+    """
+
+    def __init__(self, evaluation: FidelityEvaluation, every_n_steps: int = 500) -> None:
+        self.evaluation, self.every_n_steps = evaluation, every_n_steps
+        self.metrics: FidelityMetrics | None = None
+        self._last_evaluated_step = -1
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, root: Path) -> FIDCallback:
+        """``fidelity.*`` settings with the in-training M, DDIM steps and schedule of ``callbacks.fidelity``."""
+        schedule = cfg.callbacks.fidelity
+        evaluation = FidelityEvaluation(cfg, root, schedule.num_images, schedule.num_inference_steps)
+        return cls(evaluation, schedule.every_n_steps)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.metrics is not None:
+            return
+        reference = self.evaluation.reference() if trainer.is_global_zero else None
+        trainer.strategy.barrier()  # the classifier cache exists for every process from here
+        self.metrics = self.evaluation.build_metrics(reference)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if self.metrics is None or step == self._last_evaluated_step:
+            return
+        self._last_evaluated_step = step
+        started = time.perf_counter()
+        result = self.evaluation.evaluate(pl_module, self.metrics, trainer.global_rank, trainer.world_size)
+        seconds = time.perf_counter() - started
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(result.metrics, step=step)
+            shown = ", ".join(f"{name}={value:.3f}" for name, value in result.metrics.items())
+            print(f"[fidelity] step {step}: {shown} ({seconds:.1f} s)")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._evaluate(trainer, pl_module)

@@ -1,0 +1,83 @@
+"""Phrase-grounding metrics during training: does the model still know where the words of a report are?"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from datamodules.mscxr import GroundingItem
+from grounding.evaluation import evaluate_grounding, grounding_items, heatmap_settings
+from grounding.phrase_grounding import HeatmapSettings
+from metrics.grounding_metrics import PhraseGroundingMetrics
+
+
+class GroundingCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of fit, on every process, with the EMA weights.
+
+    Each process scores its shard of the items; ``PhraseGroundingMetrics`` sums across processes, so the logged
+    ``grounding/<metric>`` and ``grounding/<metric>/<category>`` values cover all items whatever the process count.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[GroundingItem],
+        data_root: str | Path,
+        resolution: int,
+        settings: HeatmapSettings,
+        every_n_steps: int = 500,
+        thresholds: Sequence[float] = (0.3, 0.5),
+        batch_size: int = 8,
+    ) -> None:
+        if not items:
+            raise ValueError("GroundingCallback: no MS-CXR items to evaluate (check the CSV and grounding.split)")
+        self.items, self.data_root, self.resolution = list(items), Path(data_root), resolution
+        self.settings, self.every_n_steps = settings, every_n_steps
+        self.thresholds, self.batch_size = tuple(thresholds), batch_size
+        self.logged: dict[int, dict[str, float]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, data_root: Path) -> GroundingCallback:
+        """``callbacks.grounding`` (how often, how many items, N and K) over the ``grounding`` section."""
+        own = cfg.callbacks.grounding
+        return cls(
+            grounding_items(cfg.data.ms_cxr_csv, data_root, cfg.grounding.split, own.num_items),
+            data_root,
+            cfg.data.resolution,
+            heatmap_settings(cfg.grounding, num_inference_steps=own.num_inference_steps, last_k_steps=own.last_k_steps),
+            own.every_n_steps,
+            tuple(cfg.grounding.thresholds),
+            cfg.grounding.batch_size,
+        )
+
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+        """Metric values over all items (every process must call this: the metric state is synced)."""
+        metric = PhraseGroundingMetrics(thresholds=self.thresholds, seed=self.settings.seed).to(module.device)
+        shard = self.items[trainer.global_rank :: trainer.world_size]
+        evaluate_grounding(module, shard, self.data_root, self.resolution, self.settings, metric, self.batch_size)
+        results = metric.compute()
+        return {
+            f"grounding/{name}": float(value)
+            for name, value in results.items()
+            if not name.startswith(("nan_count/", "count/"))
+        }
+
+    def _evaluate_and_log(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step in self.logged:
+            return
+        values = self.evaluate(trainer, module)
+        self.logged[step] = values
+        for logger in trainer.loggers:  # not module.log: Lightning refuses it in on_train_end
+            logger.log_metrics(values, step=step)
+            logger.save()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._evaluate_and_log(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._evaluate_and_log(trainer, pl_module)

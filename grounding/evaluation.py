@@ -1,0 +1,346 @@
+"""Phrase-grounding evaluation over an MS-CXR CSV and a MIMIC-CXR-JPG image root, in training and after it.
+
+``evaluate_grounding`` is the one loop both the in-training callbacks and ``evaluate.py grounding`` run:
+items → model-resolution samples → phrase-grounding heatmaps → ``PhraseGroundingMetrics`` (synced across
+processes), batch by batch, so memory stays flat in the number of items. The command line::
+
+    python evaluate.py grounding --model runs/frozen_text_encoder/<run>/checkpoints/last.ckpt --out eval/grounding
+    python evaluate.py grounding --model /models/sd2-cxr-pipeline --ms-cxr /data/MS_CXR_Local_Alignment_v1.1.0.csv \
+        --data-root /data/mimic-cxr-jpg/2.1.0 --split test --heatmaps --out eval/sd2 grounding.batch_size=16
+
+writes ``per_sample.csv`` (one row per image-phrase pair; a rerun skips the rows already there),
+``summary.json`` and ``summary.md`` (overall and per category), and with ``--heatmaps`` one PNG per pair
+(the X-ray and the heatmap overlay, boxes outlined). Trailing ``key=value`` arguments override the model's
+config (``grounding.*`` sets N, K, layers, thresholds, seed, batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from datamodules.cxr_datamodule import resolve_data_root
+from datamodules.mscxr import GroundingItem, load_grounding_sample, read_ms_cxr
+from datamodules.synthetic import MS_CXR_FILE
+from grounding.phrase_grounding import HeatmapSettings, phrase_grounding_heatmaps
+from lightning_modules.loading import load_diffusion_module
+from metrics.grounding_metrics import MS_CXR_CATEGORIES, PhraseGroundingMetrics
+from metrics.localization import normalize_heatmap
+
+if TYPE_CHECKING:
+    from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+ITEM_COLUMNS = ("dicom_id", "category", "phrase", "num_boxes_dropped")
+PER_SAMPLE_FILE = "per_sample.csv"
+SETTINGS_FILE = "settings.json"
+BOX_COLOUR = (0, 255, 0)
+
+
+# --------------------------------------------------------------------------------------------- configuration
+def heatmap_settings(grounding_cfg: DictConfig, **overrides: Any) -> HeatmapSettings:
+    """``HeatmapSettings`` from the ``grounding`` config section; callbacks override N and K."""
+    layers = grounding_cfg.layer_resolutions
+    settings = HeatmapSettings(
+        num_inference_steps=int(grounding_cfg.num_inference_steps),
+        last_k_steps=int(grounding_cfg.last_k_steps),
+        layer_resolutions=None if layers is None else tuple(int(side) for side in layers),
+        resolution=grounding_cfg.heatmap_resolution,
+        seed=int(grounding_cfg.seed),
+    )
+    return replace(settings, **overrides)
+
+
+def resolve_ms_cxr_csv(ms_cxr_csv: str | Path | None, data_root: Path) -> Path:
+    """``data.ms_cxr_csv``, or the MS-CXR v1.1.0 CSV at the data root (where the synthetic set keeps it)."""
+    path = Path(ms_cxr_csv) if ms_cxr_csv else data_root / MS_CXR_FILE
+    if not path.is_file():
+        source = "data.ms_cxr_csv" if ms_cxr_csv else f"data.ms_cxr_csv=null (the data root's {MS_CXR_FILE})"
+        raise FileNotFoundError(
+            f"MS-CXR CSV {path} ({source}) does not exist: set data.ms_cxr_csv to the MS-CXR CSV, or turn "
+            "the grounding callbacks off (callbacks.grounding.enabled=false, "
+            "callbacks.attention_heatmaps.enabled=false)"
+        )
+    return path
+
+
+def interleave_categories(items: Sequence[GroundingItem], limit: int | None = None) -> list[GroundingItem]:
+    """The first ``limit`` items taking one category after another (each in CSV order), so a small panel
+    covers every finding however the CSV is sorted. Deterministic: the same CSV gives the same panel."""
+    by_category: dict[str, list[GroundingItem]] = {}
+    for item in items:
+        by_category.setdefault(item.category, []).append(item)
+    rounds = itertools.zip_longest(*by_category.values())
+    interleaved = [item for round_ in rounds for item in round_ if item is not None]
+    return interleaved if limit is None else interleaved[:limit]
+
+
+def grounding_items(
+    ms_cxr_csv: str | Path | None, data_root: Path, split: str | None, limit: int | None = None
+) -> list[GroundingItem]:
+    """The image-phrase pairs to evaluate: a split of the MS-CXR CSV, category-interleaved, at most ``limit``."""
+    return interleave_categories(read_ms_cxr(resolve_ms_cxr_csv(ms_cxr_csv, data_root), split), limit)
+
+
+# --------------------------------------------------------------------------------------------- the loop
+@dataclass
+class GroundingBatch:
+    """One batch of the evaluation: the items tried, and for those with a box left, sample, heatmap, scores."""
+
+    items: list[GroundingItem]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    heatmaps: torch.Tensor | None = None
+    scores: list[dict[str, float]] = field(default_factory=list)
+
+
+@contextmanager
+def evaluation_weights(module: LatentDiffusionModule) -> Iterator[None]:
+    """Eval mode with the EMA weights (when kept) and no autograd; the training state is restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with module.ema_weights(), torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def evaluate_grounding(
+    module: LatentDiffusionModule,
+    items: Sequence[GroundingItem],
+    data_root: Path,
+    resolution: int,
+    settings: HeatmapSettings,
+    metric: PhraseGroundingMetrics,
+    batch_size: int,
+    on_batch: Callable[[GroundingBatch], None] | None = None,
+) -> None:
+    """Score every item's phrase-grounding heatmap into ``metric``; ``on_batch`` sees each batch as it is done.
+
+    Items whose boxes are all cropped away by the image transform have no ground truth and are passed to
+    ``on_batch`` without a sample. Nothing is kept between batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"grounding.batch_size must be at least 1, got {batch_size}")
+    with evaluation_weights(module):
+        for start in range(0, len(items), batch_size):
+            batch = GroundingBatch(list(items[start : start + batch_size]))
+            loaded = (load_grounding_sample(item, data_root, resolution) for item in batch.items)
+            batch.samples = [sample for sample in loaded if sample is not None]
+            if batch.samples:
+                categories = [sample["category"] for sample in batch.samples]
+                batch.heatmaps = phrase_grounding_heatmaps(
+                    module,
+                    torch.stack([sample["pixel_values"] for sample in batch.samples]),
+                    [sample["phrase"] for sample in batch.samples],
+                    categories,
+                    settings,
+                ).cpu()
+                metric.update(batch.heatmaps, [sample["mask"] for sample in batch.samples], categories)
+                batch.scores = metric.latest_sample_scores
+            if on_batch is not None:
+                on_batch(batch)
+
+
+def sample_rows(batch: GroundingBatch) -> list[dict[str, Any]]:
+    """Per-sample result rows: the item's identity and its scores."""
+    return [
+        {**{column: sample[column] for column in ITEM_COLUMNS}, **scores}
+        for sample, scores in zip(batch.samples, batch.scores, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------- pictures
+def grounding_tiles(pixel_values: torch.Tensor, heatmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(2, 3, size, size) in [0, 1]: the X-ray, and the min-max normalised heatmap over it (black-red-yellow-
+    white ramp, more opaque where hotter); the ground-truth boxes (x, y, w, h in image pixels) outlined on both."""
+    xray = ((pixel_values.detach().float().cpu().mean(dim=0) + 1) / 2).clamp(0, 1)
+    xray = F.interpolate(xray[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    heat = normalize_heatmap(heatmap.detach().float().cpu()).float()
+    heat = F.interpolate(heat[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    ramp = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)])
+    opacity = 0.7 * heat  # cold regions leave the X-ray visible
+    tiles = [xray.expand(3, -1, -1), (1 - opacity) * xray + opacity * ramp]
+    scale = size / pixel_values.shape[-1]
+    outlined = []
+    for tile in tiles:
+        image = Image.fromarray((tile.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for x, y, w, h in boxes.tolist():
+            draw.rectangle(
+                (x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1), outline=BOX_COLOUR, width=1
+            )
+        outlined.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
+    return torch.stack(outlined)
+
+
+def score_caption(scores: dict[str, float]) -> str:
+    """One line of a pair's scores, as a heatmap label."""
+    return f"IoU {scores['iou']:.2f} AUC {scores['auc']:.2f} CNR {scores['cnr']:.2f} hit {scores['pointing']:.0f}"
+
+
+def _heatmap_file_name(sample: dict[str, Any]) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", sample["phrase"].lower()).strip("-")[:48]
+    return f"{sample['dicom_id']}_{slug}.png"
+
+
+# --------------------------------------------------------------------------------------------- summaries
+def summarize(rows: pd.DataFrame, metric_names: Sequence[str]) -> dict[str, Any]:
+    """Means over samples, overall and per category, NaN scores left out (as ``PhraseGroundingMetrics``)."""
+
+    def means(table: pd.DataFrame) -> dict[str, float | None]:
+        values = table[list(metric_names)].astype(float).mean()
+        return {name: None if math.isnan(value) else float(value) for name, value in values.items()}
+
+    per_category = {
+        category: {"count": int((rows["category"] == category).sum()), **means(rows[rows["category"] == category])}
+        for category in MS_CXR_CATEGORIES
+        if (rows["category"] == category).any()
+    }
+    return {"count": len(rows), "overall": means(rows), "per_category": per_category}
+
+
+def markdown_table(summary: dict[str, Any], metric_names: Sequence[str]) -> str:
+    """The summary as a markdown table: one row overall, one per category."""
+
+    def cells(values: dict[str, Any]) -> str:
+        return " | ".join("n/a" if values[name] is None else f"{values[name]:.3f}" for name in metric_names)
+
+    lines = [
+        f"| category | n | {' | '.join(metric_names)} |",
+        "|---|---:|" + "---:|" * len(metric_names),
+        f"| **all** | {summary['count']} | {cells(summary['overall'])} |",
+    ]
+    for category, values in summary["per_category"].items():
+        lines.append(f"| {category} | {values['count']} | {cells(values)} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- command line
+def register(subcommands: argparse._SubParsersAction) -> None:
+    """Add ``evaluate.py grounding``."""
+    parser = subcommands.add_parser(
+        "grounding",
+        help="phrase grounding on MS-CXR: per-sample CSV, summary table, heatmaps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="a run's .ckpt file or a diffusers pipeline folder")
+    parser.add_argument("--ms-cxr", help="MS-CXR CSV (default: the model config's data.ms_cxr_csv)")
+    parser.add_argument("--data-root", help="MIMIC-CXR-JPG root holding the images (default: the config's data root)")
+    parser.add_argument(
+        "--split",
+        choices=["train", "val", "validate", "test", "all"],
+        help="MS-CXR split; all = every row (default: the config's grounding.split)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many image-phrase pairs")
+    parser.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
+    parser.add_argument("--heatmaps", action="store_true", help="also write one heatmap PNG per pair")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. grounding.num_inference_steps=20")
+    parser.set_defaults(run=run_grounding_evaluation)
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """A rerun may only resume an evaluation with the same model, data and settings."""
+    path = out_dir / SETTINGS_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(key for key in settings.keys() | previous.keys() if previous.get(key) != settings.get(key))
+            raise ValueError(
+                f"{out_dir} holds results of a different evaluation ({', '.join(changed)} differ; see {path}); "
+                "use another --out folder"
+            )
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _read_rows(per_sample_csv: Path) -> pd.DataFrame:
+    return pd.read_csv(per_sample_csv, dtype={"dicom_id": str, "category": str, "phrase": str})
+
+
+def _row_keys(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    return list(zip(rows["dicom_id"], rows["phrase"], strict=True))
+
+
+def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``grounding`` subcommand; returns the summary it writes."""
+    module, cfg = load_diffusion_module(args.model, args.overrides)
+    data_root = Path(args.data_root) if args.data_root else resolve_data_root(cfg.data)
+    ms_cxr_csv = resolve_ms_cxr_csv(args.ms_cxr or cfg.data.ms_cxr_csv, data_root)
+    split = cfg.grounding.split if args.split is None else None if args.split == "all" else args.split
+    items = grounding_items(ms_cxr_csv, data_root, split, args.limit)
+    settings = heatmap_settings(cfg.grounding)
+    thresholds = tuple(float(t) for t in cfg.grounding.thresholds)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": str(Path(args.model).resolve()),
+        "ms_cxr_csv": str(ms_cxr_csv.resolve()),
+        "data_root": str(data_root.resolve()),
+        "split": split,
+        "resolution": int(cfg.data.resolution),
+        "heatmap_settings": asdict(settings),
+        "thresholds": thresholds,
+    }
+    _check_settings(out_dir, json.loads(json.dumps(record)))  # as read back from JSON: tuples become lists
+    metric = PhraseGroundingMetrics(thresholds=thresholds, seed=settings.seed)
+    per_sample_csv = out_dir / PER_SAMPLE_FILE
+    if not per_sample_csv.is_file():
+        pd.DataFrame(columns=[*ITEM_COLUMNS, *metric.metric_names]).to_csv(per_sample_csv, index=False)
+    done = set(_row_keys(_read_rows(per_sample_csv)))
+    remaining = [item for item in items if (item.dicom_id, item.phrase) not in done]
+    heatmap_dir = out_dir / "heatmaps"
+    skipped: list[GroundingItem] = []
+    progress = tqdm(total=len(remaining), desc="grounding", unit="pair", disable=None)
+
+    def write_batch(batch: GroundingBatch) -> None:
+        kept = {(sample["dicom_id"], sample["phrase"]) for sample in batch.samples}
+        skipped.extend(item for item in batch.items if (item.dicom_id, item.phrase) not in kept)
+        rows = pd.DataFrame(sample_rows(batch), columns=[*ITEM_COLUMNS, *metric.metric_names])
+        rows.to_csv(per_sample_csv, mode="a", header=False, index=False)
+        if args.heatmaps:
+            heatmap_dir.mkdir(exist_ok=True)
+            for sample, heatmap in zip(batch.samples, batch.heatmaps if batch.samples else [], strict=True):
+                tiles = grounding_tiles(sample["pixel_values"], heatmap, sample["boxes"], size=256)
+                pixels = (torch.cat(list(tiles), dim=-1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                Image.fromarray(pixels).save(heatmap_dir / _heatmap_file_name(sample))
+        progress.update(len(batch.items))
+
+    done_before = len(items) - len(remaining)
+    print(f"[grounding] {len(items)} pairs of {ms_cxr_csv} (split {split or 'all'}), {done_before} done before")
+    resolution, batch_size = int(cfg.data.resolution), int(cfg.grounding.batch_size)
+    evaluate_grounding(module, remaining, data_root, resolution, settings, metric, batch_size, write_batch)
+    progress.close()
+
+    selected = {(item.dicom_id, item.phrase) for item in items}
+    all_rows = _read_rows(per_sample_csv)
+    all_rows = all_rows[[key in selected for key in _row_keys(all_rows)]]
+    summary = {
+        **summarize(all_rows, metric.metric_names),
+        "skipped_pairs": len(skipped),
+        "settings": json.loads((out_dir / SETTINGS_FILE).read_text()),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown_table(summary, metric.metric_names)
+    (out_dir / "summary.md").write_text(table)
+    print(table)
+    if skipped:
+        print(f"[grounding] {len(skipped)} pairs skipped: every box was cropped away by the image transform")
+    print(f"[grounding] results in {out_dir}")
+    return summary

@@ -1,0 +1,164 @@
+"""Phrase-grounding heatmaps: where a latent diffusion model's cross-attention puts the words of a phrase.
+
+Two modes (method.md, "Attention capture for grounding"):
+
+- ``phrase_grounding_heatmaps`` (the paper's evaluation): the real image is encoded to latents (posterior
+  mean); at each of the last K of N DDIM timesteps the UNet sees that latent forward-noised to the timestep
+  with fresh seeded noise, conditioned on the phrase, without guidance. The model's prediction is never fed
+  back, so attention is read on the real image. Only those K UNet calls run.
+- ``generation_heatmaps``: attention while the model generates from a prompt with classifier-free guidance
+  (``module.sample``, unchanged), conditional half kept, at the last K of the N sampling steps.
+
+Both return one heatmap per item, the mean over recorded steps, layers and the phrase's selected tokens
+(``grounding.token_selection``), at one common resolution. They use the module's current weights; the
+dataset-level evaluation (``grounding.evaluation``) swaps the EMA weights in.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from grounding.attention_capture import AttentionAccumulator, capture_cross_attention
+from grounding.token_selection import select_phrase_tokens
+from lightning_modules.components import sampling_scheduler
+
+if TYPE_CHECKING:
+    from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+
+@dataclass(frozen=True)
+class HeatmapSettings:
+    """How attention is read. The paper: N = 50 DDIM steps, the last K = 40 recorded (t ≈ 781 … 1).
+
+    Args:
+        num_inference_steps: N, the DDIM schedule length.
+        last_k_steps: K, attention is recorded at the last K steps of the schedule.
+        layer_resolutions: record only cross-attention layers whose map side is listed; None → all layers.
+        resolution: common heatmap size every layer's map is resized to; None → the latent size.
+        seed: seeds the forward-noising noise (phrase grounding) or the sampling noise (generation).
+    """
+
+    num_inference_steps: int = 50
+    last_k_steps: int = 40
+    layer_resolutions: tuple[int, ...] | None = None
+    resolution: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.last_k_steps <= self.num_inference_steps:
+            raise ValueError(
+                f"last_k_steps must be in [1, num_inference_steps={self.num_inference_steps}], got {self.last_k_steps}"
+            )
+
+    @property
+    def recorded_steps(self) -> range:
+        """Indices into the N-step DDIM schedule at which attention is read."""
+        return range(self.num_inference_steps - self.last_k_steps, self.num_inference_steps)
+
+
+def phrase_token_indices(
+    module: LatentDiffusionModule, phrases: Sequence[str], categories: Sequence[str | None]
+) -> list[list[int]]:
+    """Per phrase, the text tokens whose attention makes its heatmap (encoded as ``module.encode_text`` does)."""
+    tokenizer = module.tokenizer
+    return [
+        select_phrase_tokens(phrase, category, tokenizer, tokenizer.model_max_length)
+        for phrase, category in zip(phrases, categories, strict=True)
+    ]
+
+
+def forward_noising_noise(batch_size: int, latent_shape: Sequence[int], num_steps: int, seed: int) -> torch.Tensor:
+    """Noise for the recorded steps, (num_steps, batch, *latent_shape), on the CPU.
+
+    Every item draws its own (num_steps, *latent_shape) block from a generator seeded with ``seed``, so an
+    item's heatmap depends neither on its batch nor on the process (DDP shard) that evaluates it.
+    """
+    blocks = [
+        torch.randn((num_steps, *latent_shape), generator=torch.Generator().manual_seed(seed))
+        for _ in range(batch_size)
+    ]
+    return torch.stack(blocks, dim=1)
+
+
+@torch.no_grad()
+def phrase_grounding_heatmaps(
+    module: LatentDiffusionModule,
+    pixel_values: torch.Tensor,
+    phrases: Sequence[str],
+    categories: Sequence[str | None],
+    settings: HeatmapSettings,
+) -> torch.Tensor:
+    """Heatmaps of each phrase on its real image: (batch, R, R), unnormalised (the metrics normalise).
+
+    ``pixel_values``: (batch, 3, H, W) in [-1, 1], as ``datamodules.mscxr.load_grounding_sample`` gives.
+    """
+    if not len(pixel_values) == len(phrases) == len(categories):
+        raise ValueError(
+            f"phrase_grounding_heatmaps got {len(pixel_values)} images, {len(phrases)} phrases and "
+            f"{len(categories)} categories; expected one of each per item"
+        )
+    unet, vae = module.unet, module.vae
+    pixel_values = pixel_values.to(device=module.device, dtype=vae.dtype)
+    latents = vae.encode(pixel_values).latent_dist.mean * vae.config.scaling_factor
+    text_features = module.encode_text(phrases).to(unet.dtype)
+    scheduler = sampling_scheduler(module.noise_scheduler)
+    scheduler.set_timesteps(settings.num_inference_steps)
+    steps = settings.recorded_steps
+    noise = forward_noising_noise(len(latents), latents.shape[1:], len(steps), settings.seed).to(latents)
+    with capture_cross_attention(unet, settings.resolution, settings.layer_resolutions) as attention:
+        for noise_at_step, step in zip(noise, steps, strict=True):
+            timestep = scheduler.timesteps[step]
+            noisy_latents = scheduler.add_noise(latents, noise_at_step, timestep.repeat(len(latents)))
+            unet(noisy_latents.to(unet.dtype), timestep, encoder_hidden_states=text_features)
+    return attention.heatmap(phrase_token_indices(module, phrases, categories))
+
+
+@contextmanager
+def _step_counter(unet: torch.nn.Module, attention: AttentionAccumulator) -> Iterator[None]:
+    """Tell the accumulator the step index of each UNet call (a diffusers pipeline calls it once per step)."""
+    calls = itertools.count()
+
+    def set_step(_module: torch.nn.Module, _args: tuple) -> None:
+        attention.set_step(next(calls))
+
+    hook = unet.register_forward_pre_hook(set_step)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def generation_heatmaps(
+    module: LatentDiffusionModule,
+    prompts: Sequence[str],
+    categories: Sequence[str | None],
+    settings: HeatmapSettings,
+    guidance_scale: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heatmaps (batch, R, R) of each prompt's tokens while generating from it, and the generated images.
+
+    The images are exactly ``module.sample(prompts, N, guidance_scale, seed)``'s (EMA weights if kept); a
+    category of None selects every text token of its prompt.
+    """
+    if len(prompts) != len(categories):
+        raise ValueError(f"generation_heatmaps got {len(prompts)} prompts and {len(categories)} categories")
+    guided = guidance_scale > 1.0  # diffusers pipelines batch [unconditional; conditional] only then
+    with (
+        capture_cross_attention(
+            module.unet,
+            settings.resolution,
+            settings.layer_resolutions,
+            steps=settings.recorded_steps,
+            drop_unconditional=guided,
+        ) as attention,
+        _step_counter(module.unet, attention),
+    ):
+        images = module.sample(prompts, settings.num_inference_steps, guidance_scale, seed=settings.seed)
+    return attention.heatmap(phrase_token_indices(module, prompts, categories)), images

@@ -1,0 +1,124 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import evaluate
+import grounding.evaluation
+from configs import load_config
+from datamodules.mscxr import read_ms_cxr
+from grounding.evaluation import evaluate_grounding, heatmap_settings, interleave_categories
+from grounding.phrase_grounding import HeatmapSettings
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.loading import load_diffusion_module
+from metrics.grounding_metrics import PhraseGroundingMetrics
+
+TINY_MODEL_OVERRIDES = ["model.text_encoder.max_length=16", "model.text_encoder.use_attention_mask=false"]
+FAST = ["grounding.num_inference_steps=3", "grounding.last_k_steps=2", "grounding.batch_size=2"]
+METRICS = ["iou", "miou", "auc", "cnr", "pointing", "iou@0.3", "iou@0.5"]
+
+
+def grounding_cli(model: Path, data_root: Path, out: Path, *extra: str) -> dict:
+    argv = ["grounding", "--model", str(model), "--data-root", str(data_root), "--split", "train", "--out", str(out)]
+    args = evaluate.build_parser().parse_args([*argv, *extra, *TINY_MODEL_OVERRIDES, *FAST])
+    return args.run(args)
+
+
+@pytest.fixture
+def evaluated_pairs(monkeypatch) -> list[str]:
+    """Phrases the evaluation computes heatmaps for (a spy around the real computation)."""
+    phrases: list[str] = []
+    real = grounding.evaluation.phrase_grounding_heatmaps
+
+    def spy(module, pixel_values, batch_phrases, categories, settings):
+        phrases.extend(batch_phrases)
+        return real(module, pixel_values, batch_phrases, categories, settings)
+
+    monkeypatch.setattr(grounding.evaluation, "phrase_grounding_heatmaps", spy)
+    return phrases
+
+
+def test_cli_writes_per_sample_rows_summary_and_heatmaps_and_resumes(
+    tiny_model_dir, synthetic_root, tmp_path, evaluated_pairs
+):
+    out = tmp_path / "eval"
+    items = interleave_categories(read_ms_cxr(synthetic_root / "MS_CXR_Local_Alignment_v1.1.0.csv", "train"))[:6]
+
+    grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "4", "--heatmaps")
+    assert len(evaluated_pairs) == 4
+    summary = grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "6", "--heatmaps")
+    assert len(evaluated_pairs) == 6  # the second run skipped the 4 finished rows
+
+    rows = pd.read_csv(out / "per_sample.csv", dtype={"dicom_id": str})
+    assert list(zip(rows["dicom_id"], rows["phrase"], strict=True)) == [(i.dicom_id, i.phrase) for i in items]
+    assert list(rows.columns) == ["dicom_id", "category", "phrase", "num_boxes_dropped", *METRICS]
+    assert rows["auc"].between(0, 1).all()
+    assert len(list((out / "heatmaps").glob("*.png"))) == 6
+
+    written = json.loads((out / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["count"] == 6
+    for name in METRICS:
+        assert written["overall"][name] == pytest.approx(rows[name].mean())
+    for category, values in written["per_category"].items():
+        assert values["count"] == (rows["category"] == category).sum()
+        assert values["iou"] == pytest.approx(rows.loc[rows["category"] == category, "iou"].mean())
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| category | n | iou | miou | auc | cnr | pointing")
+    assert len(table) == 3 + len(written["per_category"])
+
+    grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "6")
+    assert len(evaluated_pairs) == 6  # nothing left to do
+    assert len(pd.read_csv(out / "per_sample.csv")) == 6
+
+
+def test_summary_means_match_the_torchmetrics_aggregation(tiny_model_dir, synthetic_root, tmp_path):
+    summary = grounding_cli(tiny_model_dir, synthetic_root, tmp_path / "eval", "--limit", "5")
+    module, cfg = load_diffusion_module(tiny_model_dir, [*TINY_MODEL_OVERRIDES, *FAST])
+    metric = PhraseGroundingMetrics(seed=cfg.grounding.seed)
+    items = interleave_categories(read_ms_cxr(synthetic_root / "MS_CXR_Local_Alignment_v1.1.0.csv", "train"), 5)
+    evaluate_grounding(
+        module, items, synthetic_root, 32, heatmap_settings(cfg.grounding), metric, cfg.grounding.batch_size
+    )
+    expected = metric.compute()
+    assert summary["count"] == int(expected["count"])
+    for name in METRICS:
+        assert summary["overall"][name] == pytest.approx(float(expected[name]), abs=1e-6)
+        for category, values in summary["per_category"].items():
+            assert values[name] == pytest.approx(float(expected[f"{name}/{category}"]), abs=1e-6, nan_ok=True)
+
+
+def test_resuming_with_other_settings_is_refused(tiny_model_dir, synthetic_root, tmp_path):
+    out = tmp_path / "eval"
+    grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "1")
+    with pytest.raises(ValueError, match="heatmap_settings"):
+        grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "1", "grounding.seed=7")
+
+
+def test_missing_ms_cxr_csv_is_named(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+        grounding_cli(tiny_model_dir, tmp_path, tmp_path / "eval", "--ms-cxr", str(tmp_path / "nowhere.csv"))
+
+
+def test_evaluation_uses_ema_weights_in_eval_mode_and_restores_the_training_state(
+    tiny_overrides, synthetic_root, monkeypatch
+):
+    module = LatentDiffusionModule.from_config(load_config([], [*tiny_overrides, "train.use_ema=true"])).train()
+    ema_weight = module.unet.conv_in.weight.detach().clone()
+    with torch.no_grad():
+        module.unet.conv_in.weight.add_(1.0)  # training moved away from the EMA average
+    training_weight = module.unet.conv_in.weight.detach().clone()
+    seen = {}
+    real = grounding.evaluation.phrase_grounding_heatmaps
+
+    def spy(module, *args):
+        seen.update(weight=module.unet.conv_in.weight.detach().clone(), training=module.training)
+        return real(module, *args)
+
+    monkeypatch.setattr(grounding.evaluation, "phrase_grounding_heatmaps", spy)
+    items = read_ms_cxr(synthetic_root / "MS_CXR_Local_Alignment_v1.1.0.csv", "test")[:1]
+    evaluate_grounding(module, items, synthetic_root, 32, HeatmapSettings(3, 2), PhraseGroundingMetrics(), 1)
+    assert torch.equal(seen["weight"], ema_weight) and not seen["training"]
+    assert torch.equal(module.unet.conv_in.weight, training_weight) and module.training and module.unet.training

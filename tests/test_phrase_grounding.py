@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.mscxr import load_grounding_sample, read_ms_cxr
+from grounding.phrase_grounding import HeatmapSettings, generation_heatmaps, phrase_grounding_heatmaps
+from lightning_modules.components import sampling_scheduler
+from lightning_modules.loading import load_diffusion_module
+
+TINY_MODEL_OVERRIDES = ["model.text_encoder.max_length=16", "model.text_encoder.use_attention_mask=false"]
+SETTINGS = HeatmapSettings(num_inference_steps=10, last_k_steps=4, seed=3)
+PHRASE, CATEGORY = "small left pleural effusion", "Pleural Effusion"
+
+
+@pytest.fixture(scope="module")
+def module(tiny_model_dir: Path):
+    module, _ = load_diffusion_module(tiny_model_dir, TINY_MODEL_OVERRIDES)
+    return module
+
+
+@pytest.fixture(scope="module")
+def two_xrays(synthetic_root: Path) -> torch.Tensor:
+    """Two different real (synthetic) X-rays at the tiny model's 32 px."""
+    items = read_ms_cxr(synthetic_root / "MS_CXR_Local_Alignment_v1.1.0.csv")
+    samples = [load_grounding_sample(item, synthetic_root, 32) for item in items]
+    pixels = [sample["pixel_values"] for sample in samples if sample is not None][:2]
+    assert not torch.equal(pixels[0], pixels[1])
+    return torch.stack(pixels)
+
+
+def test_unet_sees_the_real_latent_forward_noised_with_fresh_seeded_noise_at_the_last_k_steps(module, two_xrays):
+    calls = []
+
+    def spy(_unet, args, kwargs):
+        calls.append((args[0].clone(), args[1].clone(), kwargs["encoder_hidden_states"].clone()))
+
+    hook = module.unet.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        phrase_grounding_heatmaps(module, two_xrays, [PHRASE, PHRASE], [CATEGORY, CATEGORY], SETTINGS)
+    finally:
+        hook.remove()
+
+    # Independent manual computation: posterior mean, DDIM timesteps, per-item noise seeded with the seed.
+    with torch.no_grad():
+        latents = module.vae.encode(two_xrays).latent_dist.mean * module.vae.config.scaling_factor
+        text = module.encode_text([PHRASE, PHRASE])
+    scheduler = sampling_scheduler(module.noise_scheduler)
+    scheduler.set_timesteps(SETTINGS.num_inference_steps)
+    k = SETTINGS.last_k_steps
+    noise = [torch.randn((k, *latents.shape[1:]), generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    alphas_cumprod = module.noise_scheduler.alphas_cumprod
+
+    assert len(calls) == k
+    assert [int(t) for _, t, _ in calls] == scheduler.timesteps[-k:].tolist()
+    for step, (noisy, timestep, text_features) in enumerate(calls):
+        alpha_bar = alphas_cumprod[int(timestep)]
+        expected = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * torch.stack([n[step] for n in noise])
+        torch.testing.assert_close(noisy, expected)
+        torch.testing.assert_close(text_features, text)
+    assert not torch.allclose(calls[0][0], calls[1][0])  # fresh noise every step
+
+
+def test_same_seed_gives_identical_heatmaps_another_seed_different_ones(module, two_xrays):
+    first = phrase_grounding_heatmaps(module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, SETTINGS)
+    again = phrase_grounding_heatmaps(module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, SETTINGS)
+    other_seed = HeatmapSettings(num_inference_steps=10, last_k_steps=4, seed=4)
+    reseeded = phrase_grounding_heatmaps(module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, other_seed)
+    assert first.shape == (2, 8, 8)  # the tiny model's latent size
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, reseeded)
+
+
+def test_heatmaps_are_read_on_each_items_own_image_whatever_its_batch(module, two_xrays):
+    both = phrase_grounding_heatmaps(module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, SETTINGS)
+    alone = [phrase_grounding_heatmaps(module, xray[None], [PHRASE], [CATEGORY], SETTINGS)[0] for xray in two_xrays]
+    assert not torch.allclose(both[0], both[1], atol=1e-4)  # same phrase, different images
+    torch.testing.assert_close(both, torch.stack(alone))
+
+
+def test_heatmap_resolution_and_layer_filter(module, two_xrays):
+    settings = HeatmapSettings(num_inference_steps=10, last_k_steps=2, resolution=16, layer_resolutions=(4,))
+    only_coarse = phrase_grounding_heatmaps(module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, settings)
+    every_layer = phrase_grounding_heatmaps(
+        module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, HeatmapSettings(10, 2, resolution=16)
+    )
+    assert only_coarse.shape == every_layer.shape == (2, 16, 16)
+    assert not torch.allclose(only_coarse, every_layer)
+
+
+def test_generation_mode_images_equal_plain_sampling_and_heatmaps_follow_the_prompt(module):
+    prompts = ["large right pleural effusion", "moderate cardiomegaly"]
+    settings = HeatmapSettings(num_inference_steps=4, last_k_steps=3, seed=5)
+    heatmaps, images = generation_heatmaps(module, prompts, [CATEGORY, None], settings, guidance_scale=4.0)
+    plain = module.sample(prompts, 4, 4.0, seed=5)
+    torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)
+    assert heatmaps.shape == (2, 8, 8)
+    assert torch.isfinite(heatmaps).all()
+    assert not torch.allclose(heatmaps[0], heatmaps[1], atol=1e-4)
+
+
+def test_unguided_generation_keeps_the_whole_batch(module):
+    settings = HeatmapSettings(num_inference_steps=3, last_k_steps=3)
+    heatmaps, images = generation_heatmaps(module, ["moderate cardiomegaly"] * 3, [None] * 3, settings, 1.0)
+    assert heatmaps.shape == (3, 8, 8)
+    assert images.shape == (3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("last_k_steps", [0, 11])
+def test_last_k_steps_must_fit_the_schedule(last_k_steps):
+    with pytest.raises(ValueError, match="last_k_steps"):
+        HeatmapSettings(num_inference_steps=10, last_k_steps=last_k_steps)
