@@ -287,10 +287,7 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
     return outputs
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def run_stages(cfg: DictConfig) -> dict[str, Path]:
     run_dir = make_run_dir(cfg)
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml")
@@ -309,13 +306,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
             )
     outputs = {"run_dir": run_dir, "config": run_dir / "config.yaml"}
     if cfg.stage != "autoencoder":
+        diffusion_started = time.perf_counter()
         outputs |= train_diffusion(cfg, root, vae_folder, run_dir)
+        report_line(f"[diffusion] {cfg.trainer.max_steps} steps in {time.perf_counter() - diffusion_started:.0f} s")
     report_line(f"\n[done] in {time.perf_counter() - started:.0f} s")
     for name, path in outputs.items():
         report_line(f"  {name:<11}{path}")
-    if any(isinstance(p, Path) and p.name == "wandb" for p in run_dir.iterdir()):
+    if (run_dir / "wandb").is_dir():
         report_line(f"  {'wandb':<11}{run_dir / 'wandb'}  (offline: `wandb sync {run_dir / 'wandb'}/offline-run-*`)")
     return outputs
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names_the_run = RUN_NAME_VARIABLE not in os.environ  # else a process Lightning spawned for this run
+    try:
+        return run_stages(cfg)
+    finally:
+        if names_the_run:  # a later run in this process gets its own folder
+            os.environ.pop(RUN_NAME_VARIABLE, None)
 
 
 if __name__ == "__main__":

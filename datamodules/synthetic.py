@@ -32,16 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-MS_CXR_CATEGORIES = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Lung Opacity",
-    "Pleural Effusion",
-    "Pneumonia",
-    "Pneumothorax",
-)
+from datamodules.mimic import CHEXPERT_LABELS, CHEXPERT_STEM, METADATA_STEM, REQUIRED_COLUMNS, SPLIT_STEM
+from datamodules.mscxr import MS_CXR_CATEGORIES
+from datamodules.mscxr import MS_CXR_COLUMNS as MS_CXR_BASE_COLUMNS
+
 METADATA_COLUMNS = (
     "dicom_id",
     "subject_id",
@@ -56,41 +50,12 @@ METADATA_COLUMNS = (
     "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
 )
-SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
-CHEXPERT_COLUMNS = (
-    "subject_id",
-    "study_id",
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-)
-MS_CXR_COLUMNS = (
-    "dicom_id",
-    "category_name",
-    "label_text",
-    "path",
-    "x",
-    "y",
-    "w",
-    "h",
-    "image_width",
-    "image_height",
-    "split",
-)
-METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv.gz"
-SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
-CHEXPERT_FILE = "mimic-cxr-2.0.0-chexpert.csv.gz"
+SPLIT_COLUMNS = REQUIRED_COLUMNS[SPLIT_STEM]
+CHEXPERT_COLUMNS = ("subject_id", "study_id", *CHEXPERT_LABELS)
+MS_CXR_COLUMNS = (*MS_CXR_BASE_COLUMNS, "split")  # the v1.1.0 layout
+METADATA_FILE = f"{METADATA_STEM}.csv.gz"
+SPLIT_FILE = f"{SPLIT_STEM}.csv.gz"
+CHEXPERT_FILE = f"{CHEXPERT_STEM}.csv.gz"
 MS_CXR_FILE = "MS_CXR_Local_Alignment_v1.1.0.csv"
 JPEG_QUALITY = 95
 

@@ -1,4 +1,4 @@
-"""Phrase-grounding evaluation over an MS-CXR CSV and a MIMIC-CXR-JPG image root, in training and after it.
+r"""Phrase-grounding evaluation over an MS-CXR CSV and a MIMIC-CXR-JPG image root, in training and after it.
 
 ``evaluate_grounding`` is the one loop both the in-training callbacks and ``evaluate.py grounding`` run:
 items → model-resolution samples → phrase-grounding heatmaps → ``PhraseGroundingMetrics`` (synced across

@@ -15,18 +15,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
+from datamodules.mscxr import MS_CXR_CATEGORIES
 from metrics.localization import LOCALIZATION_METRICS, iou_threshold_key, localization_scores
-
-MS_CXR_CATEGORIES = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Lung Opacity",
-    "Pleural Effusion",
-    "Pneumonia",
-    "Pneumothorax",
-)
 
 
 class PhraseGroundingMetrics(Metric):
