@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchmetrics import CatMetric, MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -168,6 +168,32 @@ def _slug(finding: str) -> str:
     return finding.lower().replace(" ", "_")
 
 
+class IndexedScores(Metric):
+    """Classifier scores and prompt targets of image i stored in row i of fixed-size sum states.
+
+    Rows are filled by whichever process generated image i and summed across processes, so the gathered matrix
+    is the same for any process count, and a process that generated nothing syncs zeros, not an empty list.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_images: int, width: int) -> None:
+        super().__init__()
+        self.add_state("scores", torch.zeros(num_images, width, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("targets", torch.zeros(num_images, width, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("filled", torch.zeros(num_images, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, indices: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        indices = indices.to(self.filled.device)
+        self.scores[indices] += scores.to(self.scores)
+        self.targets[indices] += targets.to(self.targets)
+        self.filled[indices] += 1
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.filled > 0
+        return self.scores[rows], self.targets[rows]
+
+
 class FidelityMetrics(nn.Module):
     """FID of generated images against a reference, classifier agreement and diversity; torchmetrics states.
 
@@ -186,19 +212,19 @@ class FidelityMetrics(nn.Module):
         self.extractor, self.scorer, self.num_images = extractor, scorer, num_images
         self.measure_diversity = measure_diversity
         self.fid = FrechetDistance(extractor.num_features)
-        self.scores, self.targets = CatMetric(), CatMetric()
+        self.agreement = IndexedScores(num_images, len(scorer.findings)) if scorer is not None else None
         self.diversity = MeanMetric()
 
     def load_reference(self, statistics: FeatureStatistics) -> None:
         self.fid.load_reference(statistics)
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """Generated images in [0, 1] and their prompts' finding targets (N, 8): 1, 0, or -1 = uncertain."""
+    def update(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
+        """Generated images in [0, 1], their prompts' finding targets (N, 8): 1, 0, or -1 = uncertain, and their
+        positions among the M images."""
         self.fid.update(self.extractor(images), real=False)
-        if self.scorer is not None:
-            self.scores.update(self.scorer.finding_scores(images).float())
-            self.targets.update(targets.float().to(images.device))
+        if self.agreement is not None:
+            self.agreement.update(indices, self.scorer.finding_scores(images), targets)
 
     def update_diversity(self, images_of_one_prompt: torch.Tensor) -> None:
         self.diversity.update(mean_pairwise_ms_ssim(images_of_one_prompt))
@@ -209,9 +235,8 @@ class FidelityMetrics(nn.Module):
         Every process must call it (the sync is collective), whether or not it had images to update with.
         """
         results = {f"fid/{self.extractor.name}@{self.num_images}": float(self.fid.compute())}
-        if self.scorer is not None:
-            width = len(self.scorer.findings)
-            aurocs = finding_aurocs(self.scores.compute().reshape(-1, width), self.targets.compute().reshape(-1, width))
+        if self.agreement is not None:
+            aurocs = finding_aurocs(*self.agreement.compute())
             prefix = f"agreement/{self.scorer.name}"
             results[f"{prefix}/auroc_mean"] = aurocs.pop("mean")
             results |= {f"{prefix}/auroc_{_slug(finding)}": value for finding, value in aurocs.items()}
@@ -221,5 +246,6 @@ class FidelityMetrics(nn.Module):
 
     def reset(self) -> None:
         """Forget generated images (the reference statistics stay)."""
-        for metric in (self.fid, self.scores, self.targets, self.diversity):
-            metric.reset()
+        for metric in (self.fid, self.agreement, self.diversity):
+            if metric is not None:
+                metric.reset()

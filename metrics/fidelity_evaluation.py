@@ -179,7 +179,8 @@ class FidelityEvaluation:
                 chosen = slice(number * batch_size, min((number + 1) * batch_size, self.num_images))
                 prompts = self.captions[chosen]
                 images = module.sample(prompts, steps, guidance, settings.seed + number)
-                metrics.update(images.to(module.device), self.targets[chosen])
+                indices = torch.arange(chosen.start, chosen.stop)
+                metrics.update(images.to(module.device), self.targets[chosen], indices)
                 if number == 0:
                     samples, sample_captions = images[:SAMPLE_GRID_IMAGES], prompts[:SAMPLE_GRID_IMAGES]
             else:
