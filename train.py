@@ -34,7 +34,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -125,6 +125,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, job: str) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=run_dir, name=job, version=""))
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=job, default_hp_metric=False))
     wandb_cfg = cfg.logger.wandb
     if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
         loggers.append(
@@ -139,6 +141,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, job: str) -> list[Logger]:
                 mode=wandb_cfg.mode,
                 id=wandb_run_id(run_dir, job),
                 resume="allow",  # a resumed run continues the same W&B run and its curves
+                log_model=wandb_cfg.log_model,
             )
         )
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -6,12 +6,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from datamodules.mscxr import GroundingItem
-from grounding.evaluation import evaluate_grounding, grounding_items, heatmap_settings
+from grounding.evaluation import evaluate_grounding, grounding_items, heatmap_settings, sample_rows
 from grounding.phrase_grounding import HeatmapSettings
 from metrics.grounding_metrics import PhraseGroundingMetrics
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """Every process's per-sample rows, on every process (plain objects, so not through tensors)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    gathered: list[list[dict] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, rows)
+    return [row for shard in gathered for row in shard or []]
 
 
 class GroundingCallback(L.Callback):
@@ -52,26 +63,44 @@ class GroundingCallback(L.Callback):
             cfg.grounding.batch_size,
         )
 
-    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
-        """Metric values over all items (every process must call this: the metric state is synced)."""
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], list[dict]]:
+        """Metric values over all items and the per-sample rows of this process's shard (every process must
+        call this: the metric state is synced)."""
         metric = PhraseGroundingMetrics(thresholds=self.thresholds, seed=self.settings.seed).to(module.device)
         shard = self.items[trainer.global_rank :: trainer.world_size]
-        evaluate_grounding(module, shard, self.data_root, self.resolution, self.settings, metric, self.batch_size)
+        rows: list[dict] = []
+        evaluate_grounding(
+            module,
+            shard,
+            self.data_root,
+            self.resolution,
+            self.settings,
+            metric,
+            self.batch_size,
+            on_batch=lambda batch: rows.extend(sample_rows(batch)),
+        )
         results = metric.compute()
-        return {
+        values = {
             f"grounding/{name}": float(value)
             for name, value in results.items()
             if not name.startswith(("nan_count/", "count/"))
         }
+        return values, rows
 
     def _evaluate_and_log(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
         if step in self.logged:
             return
-        values = self.evaluate(trainer, module)
+        values, rows = self.evaluate(trainer, module)
+        rows = gather_rows(rows)
         self.logged[step] = values
         for logger in trainer.loggers:  # not module.log: Lightning refuses it in on_train_end
             logger.log_metrics(values, step=step)
+            if isinstance(logger, WandbLogger) and rows:  # the dashboard's per-sample view of this evaluation
+                columns = list(rows[0])
+                logger.log_table(
+                    "grounding/samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=step
+                )
             logger.save()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

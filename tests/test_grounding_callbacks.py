@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import train
-from callbacks.grounding import GroundingCallback
+from callbacks.grounding import GroundingCallback, gather_rows
 from configs import load_config
 from datamodules.mscxr import read_ms_cxr
 from grounding.evaluation import interleave_categories
@@ -91,7 +91,8 @@ def _evaluate_shard(rank: int, port: int, module, data_root: Path, results) -> N
     torch.set_num_threads(1)  # as DataLoader workers do: a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        results.put((rank, _callback(data_root).evaluate(SimpleNamespace(global_rank=rank, world_size=2), module)))
+        values, rows = _callback(data_root).evaluate(SimpleNamespace(global_rank=rank, world_size=2), module)
+        results.put((rank, (values, [row["dicom_id"] for row in gather_rows(rows)])))
     finally:
         dist.destroy_process_group()
 
@@ -105,7 +106,7 @@ def unused_tcp_port() -> int:
 
 def test_each_process_scores_its_shard_and_the_metrics_sync(tiny_model_dir, synthetic_root, unused_tcp_port):
     module, _ = load_diffusion_module(tiny_model_dir, TINY_MODEL_OVERRIDES)
-    single = _callback(synthetic_root).evaluate(SimpleNamespace(global_rank=0, world_size=1), module)
+    single, single_rows = _callback(synthetic_root).evaluate(SimpleNamespace(global_rank=0, world_size=1), module)
     results = mp.get_context("fork").SimpleQueue()
     # forked processes share the loaded model instead of importing and loading everything again
     mp.start_processes(
@@ -114,6 +115,8 @@ def test_each_process_scores_its_shard_and_the_metrics_sync(tiny_model_dir, synt
     per_rank = dict(results.get() for _ in range(2))
     assert single["grounding/count"] == 5  # the synthetic val split; shards of 3 and 2 pairs
     for rank in (0, 1):
-        assert per_rank[rank].keys() == single.keys()
+        values, gathered_ids = per_rank[rank]
+        assert values.keys() == single.keys()
         for key, value in single.items():
-            assert per_rank[rank][key] == pytest.approx(value, abs=1e-5, nan_ok=True), key
+            assert values[key] == pytest.approx(value, abs=1e-5, nan_ok=True), key
+        assert sorted(gathered_ids) == sorted(row["dicom_id"] for row in single_rows)  # every row on every process
