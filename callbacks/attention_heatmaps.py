@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.image_logging import TILE, image_grid, log_image
+from callbacks.periodic import PeriodicCallback
 from datamodules.mscxr import GroundingItem
 from grounding.evaluation import (
     GroundingBatch,
@@ -23,7 +24,7 @@ from grounding.phrase_grounding import HeatmapSettings
 from metrics.grounding_metrics import PhraseGroundingMetrics
 
 
-class AttentionHeatmapCallback(L.Callback):
+class AttentionHeatmapCallback(PeriodicCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of fit, on rank 0, with the EMA weights: a grid of
     a fixed panel of MS-CXR pairs, each as the X-ray and its phrase-grounding heatmap overlaid, ground-truth
     boxes outlined, the phrase and its scores as labels. Written to ``out_dir`` and the image loggers."""
@@ -41,11 +42,11 @@ class AttentionHeatmapCallback(L.Callback):
     ) -> None:
         if not items:
             raise ValueError("AttentionHeatmapCallback: empty panel (check the MS-CXR CSV and the panel's split)")
+        super().__init__(every_n_steps)
         self.items, self.data_root, self.resolution = list(items), Path(data_root), resolution
-        self.settings, self.out_dir, self.every_n_steps = settings, Path(out_dir), every_n_steps
+        self.settings, self.out_dir = settings, Path(out_dir)
         self.thresholds, self.batch_size = tuple(thresholds), batch_size
         self.written: list[Path] = []
-        self._last_logged_step = -1
 
     @classmethod
     def from_config(cls, cfg: DictConfig, data_root: Path, out_dir: Path) -> AttentionHeatmapCallback:
@@ -62,11 +63,10 @@ class AttentionHeatmapCallback(L.Callback):
             cfg.grounding.batch_size,
         )
 
-    def log_panel(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Compute the panel's heatmaps and log the grid (rank 0 only; once per step)."""
-        if not trainer.is_global_zero or trainer.global_step == self._last_logged_step:
+        if not trainer.is_global_zero:
             return
-        self._last_logged_step = trainer.global_step
         batches: list[GroundingBatch] = []
         metric = PhraseGroundingMetrics(thresholds=self.thresholds, seed=self.settings.seed)
         evaluate_grounding(
@@ -86,11 +86,3 @@ class AttentionHeatmapCallback(L.Callback):
         )
         grid = image_grid(torch.cat(tiles), labels, columns=4)
         self.written.append(log_image(trainer, "grounding/heatmaps", grid, caption, self.out_dir))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.log_panel(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.log_panel(trainer, pl_module)

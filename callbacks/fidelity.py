@@ -8,11 +8,12 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from callbacks.periodic import PeriodicCallback
 from metrics.fidelity import FidelityMetrics
 from metrics.fidelity_evaluation import FidelityEvaluation
 
 
-class FIDCallback(L.Callback):
+class FIDCallback(PeriodicCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of training: generate M images from held-out report
     captions (each process its share), compute the metrics synced over processes, log them from process 0.
 
@@ -21,9 +22,9 @@ class FIDCallback(L.Callback):
     """
 
     def __init__(self, evaluation: FidelityEvaluation, every_n_steps: int = 500) -> None:
-        self.evaluation, self.every_n_steps = evaluation, every_n_steps
+        super().__init__(every_n_steps)
+        self.evaluation = evaluation
         self.metrics: FidelityMetrics | None = None
-        self._last_evaluated_step = -1
 
     @classmethod
     def from_config(cls, cfg: DictConfig, root: Path) -> FIDCallback:
@@ -39,11 +40,10 @@ class FIDCallback(L.Callback):
         trainer.strategy.barrier()  # the classifier cache exists for every process from here
         self.metrics = self.evaluation.build_metrics(reference)
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if self.metrics is None or step == self._last_evaluated_step:
+        if self.metrics is None:
             return
-        self._last_evaluated_step = step
         started = time.perf_counter()
         result = self.evaluation.evaluate(pl_module, self.metrics, trainer.global_rank, trainer.world_size)
         seconds = time.perf_counter() - started
@@ -52,11 +52,3 @@ class FIDCallback(L.Callback):
                 logger.log_metrics(result.metrics, step=step)
             shown = ", ".join(f"{name}={value:.3f}" for name, value in result.metrics.items())
             print(f"[fidelity] step {step}: {shown} ({seconds:.1f} s)")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self._evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._evaluate(trainer, pl_module)

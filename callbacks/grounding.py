@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from callbacks.periodic import PeriodicCallback
 from datamodules.mscxr import GroundingItem
 from grounding.evaluation import evaluate_grounding, grounding_items, heatmap_settings, sample_rows
 from grounding.phrase_grounding import HeatmapSettings
@@ -25,7 +26,7 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     return [row for shard in gathered for row in shard or []]
 
 
-class GroundingCallback(L.Callback):
+class GroundingCallback(PeriodicCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of fit, on every process, with the EMA weights.
 
     Each process scores its shard of the items; ``PhraseGroundingMetrics`` sums across processes, so the logged
@@ -44,10 +45,9 @@ class GroundingCallback(L.Callback):
     ) -> None:
         if not items:
             raise ValueError("GroundingCallback: no MS-CXR items to evaluate (check the CSV and grounding.split)")
+        super().__init__(every_n_steps)
         self.items, self.data_root, self.resolution = list(items), Path(data_root), resolution
-        self.settings, self.every_n_steps = settings, every_n_steps
-        self.thresholds, self.batch_size = tuple(thresholds), batch_size
-        self.logged: dict[int, dict[str, float]] = {}
+        self.settings, self.thresholds, self.batch_size = settings, tuple(thresholds), batch_size
 
     @classmethod
     def from_config(cls, cfg: DictConfig, data_root: Path) -> GroundingCallback:
@@ -87,13 +87,10 @@ class GroundingCallback(L.Callback):
         }
         return values, rows
 
-    def _evaluate_and_log(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step in self.logged:
-            return
         values, rows = self.evaluate(trainer, module)
         rows = gather_rows(rows)
-        self.logged[step] = values
         for logger in trainer.loggers:  # not module.log: Lightning refuses it in on_train_end
             logger.log_metrics(values, step=step)
             if isinstance(logger, WandbLogger) and rows:  # the dashboard's per-sample view of this evaluation
@@ -102,11 +99,3 @@ class GroundingCallback(L.Callback):
                     "grounding/samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=step
                 )
             logger.save()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self._evaluate_and_log(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._evaluate_and_log(trainer, pl_module)

@@ -8,9 +8,10 @@ from pathlib import Path
 import lightning as L
 
 from callbacks.image_logging import image_grid, log_image
+from callbacks.periodic import PeriodicCallback
 
 
-class SampleGridCallback(L.Callback):
+class SampleGridCallback(PeriodicCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, on rank 0, with a fixed seed."""
 
     def __init__(
@@ -22,25 +23,15 @@ class SampleGridCallback(L.Callback):
         guidance_scale: float = 4.0,
         seed: int = 0,
     ) -> None:
+        super().__init__(every_n_steps)
         self.prompts, self.out_dir = list(prompts), Path(out_dir)
-        self.every_n_steps, self.num_inference_steps = every_n_steps, num_inference_steps
-        self.guidance_scale, self.seed = guidance_scale, seed
+        self.num_inference_steps, self.guidance_scale, self.seed = num_inference_steps, guidance_scale, seed
         self.written: list[Path] = []
-        self._last_logged_step = -1
 
-    def _log_samples(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.global_step == self._last_logged_step:
+    def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
             return
-        self._last_logged_step = trainer.global_step
         images = module.sample(self.prompts, self.num_inference_steps, self.guidance_scale, seed=self.seed)
         caption = f"step {trainer.global_step}, {self.num_inference_steps} DDIM steps, guidance {self.guidance_scale}"
         path = log_image(trainer, "samples", image_grid(images, self.prompts), caption, self.out_dir)
         self.written.append(path)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self._log_samples(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._log_samples(trainer, pl_module)

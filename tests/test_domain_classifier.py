@@ -27,15 +27,6 @@ AUROC_FLOOR = 0.8  # mean held-out AUROC; an untrained network scores about 0.5
 RECIPE = {"width": 16, "steps": 150, "batch_size": 32, "learning_rate": 3e-3, "weight_decay": 1e-4, "max_shift": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: two OpenMP threads per process oversubscribe them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def classifier_root(tmp_path_factory) -> Path:
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("classifier-data"), n=400, resolution=48, seed=0)

@@ -29,15 +29,6 @@ from metrics.fidelity import (
 from metrics.fidelity_evaluation import FidelityEvaluation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: two OpenMP threads per process oversubscribe them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def scipy_frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
     """The textbook formula, independently: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2))."""
     mu1, mu2 = real.mean(axis=0), generated.mean(axis=0)

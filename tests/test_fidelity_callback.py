@@ -7,19 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 import train
 from datamodules.synthetic import ensure_synthetic_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: two OpenMP threads per process oversubscribe them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,20 @@ def tiny_batches(count: int) -> list[dict]:
     ]
 
 
-def fit_steps(module: LatentDiffusionModule, steps: int, tmp_path: Path) -> None:
+def fit_steps(module: LatentDiffusionModule, batches: list[dict], tmp_path: Path, *callbacks: L.Callback) -> L.Trainer:
+    """One pass of ``trainer.fit`` over ``batches`` (one optimizer step each) without loggers or checkpoints."""
     trainer = L.Trainer(
-        max_steps=steps,
+        max_steps=len(batches),
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=list(callbacks),
         default_root_dir=tmp_path,
     )
-    trainer.fit(module, train_dataloaders=DataLoader(tiny_batches(steps), batch_size=None))
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return trainer
 
 
 @pytest.mark.parametrize("trainable", [["unet"], ["unet", "text_encoder"], ["unet", "text_encoder", "vae"]])
@@ -56,17 +59,7 @@ def test_frozen_parts_stay_bit_identical_and_trainable_parts_change(tiny_overrid
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             modes_seen.update({name: getattr(pl_module, name).training for name in PART_NAMES})
 
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[RecordModes()],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(tiny_batches(3), batch_size=None))
+    trainer = fit_steps(module, tiny_batches(3), tmp_path, RecordModes())
 
     optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     for name in PART_NAMES:
@@ -136,23 +129,14 @@ def test_loss_on_a_fixed_batch_falls_with_training(tiny_overrides, tmp_path, ext
             )
 
     initial = fixed_loss()
-    trainer = L.Trainer(
-        max_steps=60,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader([batch] * 60, batch_size=None))
+    fit_steps(module, [batch] * 60, tmp_path)
     module.eval()
     assert fixed_loss() < 0.7 * initial
 
 
 def test_ema_tracks_training_and_is_used_for_sampling(tiny_overrides, tmp_path):
     module = tiny_module(tiny_overrides, "train.ema_decay=0.5", "train.learning_rate.unet=1e-2")
-    fit_steps(module, 4, tmp_path)
+    fit_steps(module, tiny_batches(4), tmp_path)
     training_weights = [p.detach().clone() for p in module.unet.parameters()]
     with module.ema_weights():
         ema_weights = [p.detach().clone() for p in module.unet.parameters()]
