@@ -163,6 +163,3 @@ def build_diffusion_parts(cfg: DictConfig, resolution: int, vae_folder: Path | N
     noise_scheduler = build_noise_scheduler(cfg.scheduler, scheduler_folder, cfg.prediction_type)
     return DiffusionParts(unet, vae, text_encoder, tokenizer, noise_scheduler)
 
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
