@@ -45,7 +45,7 @@ from callbacks.fidelity import FIDCallback
 from callbacks.grounding import GroundingCallback
 from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
-from configs import load_config
+from configs import ConfigError, load_config
 from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint, resolve_data_root
 from lightning_modules.autoencoder import AutoencoderModule, vae_cache_folder
 from lightning_modules.components import build_vae
@@ -333,4 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as error:  # a user's typo deserves one clear line, not a traceback
+        raise SystemExit(f"config error: {error}") from None

@@ -89,3 +89,21 @@ def test_real_data_presets_demand_their_paths_by_key():
     cfg = load_config([*presets, "experiment/learnable_text_encoder"], ["model.pretrained=/m", "data.root=/d"])
     assert (cfg.model.pretrained, cfg.data.root, cfg.data.resolution) == ("/m", "/d", 512)
     assert cfg.model.text_encoder.pretrained is None and list(cfg.model.trainable) == ["unet", "text_encoder"]
+
+
+def test_train_script_reports_a_config_typo_in_one_line_without_a_traceback(tmp_path: Path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "model.trainble=[unet]"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "config error: unknown config key 'model.trainble'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing is created before the config is valid
