@@ -161,4 +161,3 @@ def build_diffusion_parts(cfg: DictConfig, resolution: int, vae_folder: Path | N
     scheduler_folder = _part_folder(None, cfg.pretrained, "scheduler", "model.scheduler")
     noise_scheduler = build_noise_scheduler(cfg.scheduler, scheduler_folder, cfg.prediction_type)
     return DiffusionParts(unet, vae, text_encoder, tokenizer, noise_scheduler)
-
