@@ -47,8 +47,9 @@ from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
 from configs import ConfigError, load_config
 from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint, resolve_data_root
+from datamodules.shards import check_cached_latents, read_split_metadata, split_index_location
 from lightning_modules.autoencoder import AutoencoderModule, vae_cache_folder
-from lightning_modules.components import build_vae
+from lightning_modules.components import build_vae, vae_fingerprint
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
 log = logging.getLogger("cxr_diffusion")
@@ -97,7 +98,9 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(run_dir / "checkpoints" / "last.ckpt") if cfg.resume == "last" else str(cfg.resume)
 
 
-def build_datamodule(cfg: DictConfig, root: Path, batch_size: int, tokenizer=None) -> CxrDataModule:
+def build_datamodule(
+    cfg: DictConfig, root: Path, batch_size: int, tokenizer=None, read_latents: bool = False
+) -> CxrDataModule:
     return CxrDataModule(
         root,
         cfg.data.resolution,
@@ -110,7 +113,28 @@ def build_datamodule(cfg: DictConfig, root: Path, batch_size: int, tokenizer=Non
         num_workers=cfg.data.num_workers,
         tokenizer=tokenizer,
         seed=cfg.seed,
+        data_format=cfg.data.format,
+        shards=cfg.data.shards,
+        shard_cache_dir=Path(cfg.data.cache_dir) / "shards",
+        shuffle_window=cfg.data.shuffle_window,
+        read_latents=read_latents,
     )
+
+
+def uses_cached_latents(cfg: DictConfig, module: LatentDiffusionModule) -> bool:
+    """Whether the diffusion stage samples the shards' stored posteriors instead of running the VAE encoder.
+
+    Yes when the shards hold latents and data.use_cached_latents is on; stale latents (a trainable VAE, or
+    latents another VAE made) are refused rather than silently trained on.
+    """
+    if cfg.data.format != "shards" or not cfg.data.use_cached_latents:
+        return False
+    latents = read_split_metadata(cfg.data.shards, cfg.data.splits.train)["latents"]
+    if latents is None:
+        return False
+    location = split_index_location(cfg.data.shards, cfg.data.splits.train)
+    check_cached_latents(latents, location, vae_fingerprint(module.vae), "vae" in module.trainable)
+    return True
 
 
 def wandb_run_id(run_dir: Path, job: str) -> str | None:
@@ -237,7 +261,9 @@ def evaluation_callbacks(cfg: DictConfig, root: Path, run_dir: Path) -> list[L.C
 def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_dir: Path) -> dict[str, Path]:
     L.seed_everything(cfg.seed, workers=True)
     module = LatentDiffusionModule.from_config(cfg, vae_folder)
-    datamodule = build_datamodule(cfg, root, cfg.data.batch_size, tokenizer=module.tokenizer)
+    read_latents = uses_cached_latents(cfg, module)
+    report_line(f"[data] diffusion trains on {'cached VAE latents' if read_latents else 'pixels'} ({cfg.data.format})")
+    datamodule = build_datamodule(cfg, root, cfg.data.batch_size, tokenizer=module.tokenizer, read_latents=read_latents)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="step{step:06d}",

@@ -1,7 +1,8 @@
-"""The LightningDataModule for (chest X-ray, report caption) pairs read from a MIMIC-CXR-JPG layout.
+"""The LightningDataModule for (chest X-ray, report caption) pairs: a MIMIC-CXR-JPG folder, or its prepared shards.
 
 Real MIMIC-CXR-JPG and the embedded synthetic set are read by the same code; the split comes from the dataset's
-own split CSV. Unreadable images are dropped per batch and counted (see ``collate_skipping_bad``).
+own split CSV. Shards (``python -m datamodules.prepare``) hold the same samples, preprocessed, for streaming.
+Unreadable images are dropped per batch and counted (see ``collate_skipping_bad``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from configs import ConfigError
 from datamodules.mimic import (
     CHEXPERT_STEM,
     METADATA_STEM,
@@ -27,9 +29,13 @@ from datamodules.mimic import (
     build_mimic_index,
     collate_skipping_bad,
 )
+from datamodules.sampling import DrawnDataset, ExactlyOnceSampler
+from datamodules.shards import ShardDataset
 from datamodules.synthetic import ensure_synthetic_dataset
 
 log = logging.getLogger(__name__)
+
+DATA_FORMATS = ("folder", "shards")
 
 
 def dataset_fingerprint(root: str | Path) -> str:
@@ -54,9 +60,17 @@ def resolve_data_root(data_cfg: DictConfig) -> Path:
 
 
 class CxrDataModule(L.LightningDataModule):
+    """Training and validation loaders over a MIMIC-CXR-JPG folder (``data_format="folder"``) or prepared shards.
+
+    Both formats give the same sample dicts and the same sampling: every sample exactly once per epoch across
+    processes (see ``datamodules.sampling``), an order fixed by (seed, epoch), and a stateful loader whose
+    position Lightning saves in checkpoints. With ``read_latents`` the shards' stored VAE posteriors replace
+    the pixels (``latent_moments`` instead of ``pixel_values``).
+    """
+
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None,
         resolution: int,
         reports_root: str | Path | None = None,
         views: Sequence[str] = ("PA", "AP"),
@@ -67,17 +81,31 @@ class CxrDataModule(L.LightningDataModule):
         num_workers: int = 0,
         tokenizer: PreTrainedTokenizerBase | None = None,
         seed: int = 0,
+        data_format: str = "folder",
+        shards: str | Path | None = None,
+        shard_cache_dir: str | Path = ".cache/cxr-diffusion/shards",
+        shuffle_window: int = 4,
+        read_latents: bool = False,
     ) -> None:
         super().__init__()
-        self.root, self.reports_root = Path(root), reports_root
+        if data_format not in DATA_FORMATS:
+            raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {data_format!r}")
+        if data_format == "shards" and not shards:
+            raise ConfigError("data.format=shards needs data.shards: a folder or URL written by datamodules.prepare")
+        if read_latents and data_format != "shards":
+            raise ConfigError("cached latents are read from shards only (data.format=shards)")
+        self.root, self.reports_root = (Path(root) if root else None), reports_root
         self.resolution, self.views, self.caption_section = resolution, tuple(views), caption_section
         self.train_split, self.val_split = train_split, val_split
         self.batch_size, self.num_workers = batch_size, num_workers
         self.tokenizer, self.seed = tokenizer, seed
+        self.data_format, self.shards, self.shard_cache_dir = data_format, shards, Path(shard_cache_dir)
+        self.shuffle_window, self.read_latents = shuffle_window, read_latents
         self.indices: dict[str, MimicIndex] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     def index(self, split: str) -> MimicIndex:
-        """The split's index, built once (reading every report is the slow part on real data)."""
+        """The split's folder index, built once (reading every report is the slow part on real data)."""
         if split not in self.indices:
             self.indices[split] = build_mimic_index(
                 self.root,
@@ -90,24 +118,54 @@ class CxrDataModule(L.LightningDataModule):
             log.info("data %s", self.indices[split].summary())
         return self.indices[split]
 
+    def dataset(self, split: str) -> Dataset:
+        """The split's samples, from the folder or from its shards (checked against ``resolution``)."""
+        if self.data_format == "folder":
+            return MimicCxrDataset(self.index(split), self.resolution)
+        dataset = ShardDataset(
+            self.shards, split, self.shard_cache_dir, read_pixels=not self.read_latents, read_latents=self.read_latents
+        )
+        prepared = dataset.metadata["resolution"]
+        if prepared != self.resolution:
+            raise ConfigError(
+                f"{dataset.location} was prepared at resolution {prepared}, but data.resolution is {self.resolution}; "
+                "prepare the shards again at this resolution (python -m datamodules.prepare)"
+            )
+        return dataset
+
+    def split_dataset(self, split: str) -> Dataset:
+        if split not in self.datasets:
+            self.datasets[split] = self.dataset(split)
+        return self.datasets[split]
+
     def setup(self, stage: str | None = None) -> None:
-        self.index(self.train_split)
-        self.index(self.val_split)
+        self.split_dataset(self.train_split)
+        self.split_dataset(self.val_split)
 
     def train_dataloader(self) -> StatefulDataLoader:
-        """Epoch-seeded shuffling, sharded per process, and a loader whose position is saved in checkpoints.
+        """Epoch-seeded shuffling, sliced per process, and a loader whose position is saved in checkpoints.
 
         Lightning stores the state of a stateful loader in the checkpoint, so a run resumed mid-epoch continues
-        with the very next batch. The sampler is built for this process's rank: Lightning leaves a
-        DistributedSampler as it is, which keeps shuffling identical between 1 and N processes.
+        with the very next batch. The sampler is built for this process's rank (Lightning leaves a sampler with
+        ``set_epoch`` as it is); shards are shuffled shard-locally, ``shuffle_window`` shards at a time.
         """
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        dataset = MimicCxrDataset(self.index(self.train_split), self.resolution)
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
-        return StatefulDataLoader(dataset, sampler=sampler, **self._loader_options())
+        return self.train_loader(world_size, rank)
+
+    def train_loader(self, world_size: int, rank: int) -> StatefulDataLoader:
+        dataset = self.split_dataset(self.train_split)
+        sampler = ExactlyOnceSampler(
+            len(dataset),
+            num_replicas=world_size,
+            rank=rank,
+            seed=self.seed,
+            block_sizes=getattr(dataset, "shard_sizes", None),
+            blocks_per_window=self.shuffle_window,
+        )
+        return StatefulDataLoader(DrawnDataset(dataset), sampler=sampler, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        dataset = MimicCxrDataset(self.index(self.val_split), self.resolution)
+        dataset = self.split_dataset(self.val_split)
         return DataLoader(dataset, shuffle=False, **self._loader_options())
 
     def _loader_options(self) -> dict:

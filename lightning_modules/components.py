@@ -7,10 +7,13 @@ built from its architecture config with random initialisation. Nothing here touc
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -58,18 +61,33 @@ def _part_folder(part_source: str | None, pipeline_folder: str | None, subfolder
     return None
 
 
-def load_text_encoder(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any transformers encoder with a fast tokenizer; the tokenizer's context is capped at ``max_length``."""
+def _text_encoder_folder(cfg: DictConfig) -> Path:
     folder = _part_folder(cfg.text_encoder.pretrained, cfg.pretrained, "text_encoder", "model.text_encoder")
     if folder is None:
         raise ValueError("model.text_encoder.pretrained (or model.pretrained) must name a local text encoder folder")
+    return folder
+
+
+def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The text encoder's fast tokenizer, its context capped at ``max_length`` (captions are cut to fit it)."""
+    folder = _text_encoder_folder(cfg)
     tokenizer_folder = folder.parent / "tokenizer" if (folder.parent / "tokenizer").is_dir() else folder
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
     tokenizer.model_max_length = int(cfg.text_encoder.max_length)
+    return tokenizer
+
+
+def load_text_encoder(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any transformers encoder with a fast tokenizer (see ``load_tokenizer``)."""
+    encoder = AutoModel.from_pretrained(_text_encoder_folder(cfg), local_files_only=True)
     # The diffusers pipelines read this flag to decide whether to pass the padding mask to the encoder.
     encoder.config.use_attention_mask = bool(cfg.text_encoder.use_attention_mask)
-    return encoder, tokenizer
+    return encoder, load_tokenizer(cfg)
+
+
+def pretrained_vae_folder(cfg: DictConfig) -> Path | None:
+    """The VAE folder named by ``model.vae.pretrained`` or ``model.pretrained``; None for a random VAE."""
+    return _part_folder(cfg.vae.pretrained, cfg.pretrained, "vae", "model.vae")
 
 
 def build_vae(cfg: DictConfig, resolution: int, folder: Path | None) -> AutoencoderKL:
@@ -93,6 +111,15 @@ def build_vae(cfg: DictConfig, resolution: int, folder: Path | None) -> Autoenco
 
 def vae_downsampling_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """A hash of the VAE's config and weights: cached latents are valid only for the VAE that made them."""
+    digest = hashlib.sha256(json.dumps(vae.config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_unet(
@@ -146,7 +173,7 @@ def build_diffusion_parts(cfg: DictConfig, resolution: int, vae_folder: Path | N
     if vae_folder is None:
         if cfg.vae.pretrained == "auto":
             raise ValueError("model.vae.pretrained=auto needs the folder written by the autoencoder stage")
-        vae_folder = _part_folder(cfg.vae.pretrained, cfg.pretrained, "vae", "model.vae")
+        vae_folder = pretrained_vae_folder(cfg)
     vae = build_vae(cfg, resolution, vae_folder)
     factor = vae_downsampling_factor(vae)
     if resolution % factor:

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig
@@ -145,12 +146,30 @@ class LatentDiffusionModule(L.LightningModule):
             posterior = self.vae.encode(pixel_values).latent_dist
             return posterior.sample(generator=generator) * self.vae.config.scaling_factor
 
+    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents of a batch: sampled from its cached posterior (``latent_moments``) or encoded from pixels.
+
+        The cached moments are the frozen VAE's own output, so both paths sample the same distribution with the
+        same draws; train.py refuses cached latents from another VAE or a trainable one.
+        """
+        if "latent_moments" not in batch:
+            return self.encode_images(batch["pixel_values"], generator)
+        posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.device, self.vae.dtype))
+        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
+
     # ----------------------------------------------------------------------------------------- objective
     def diffusion_loss(
-        self, pixel_values: torch.Tensor, captions: Sequence[str], generator: torch.Generator | None = None
+        self,
+        latents: torch.Tensor,
+        captions: Sequence[str],
+        generator: torch.Generator | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Noise-prediction (or v) MSE at a random timestep, optionally Min-SNR-γ weighted."""
-        latents = self.encode_images(pixel_values, generator)
+        """Noise-prediction (or v) MSE at a random timestep, optionally Min-SNR-γ weighted.
+
+        ``sample_weights`` (the loader's ``loss_weight``) give zero weight to the repeats that even out the
+        processes' shares of an epoch: the loss is the weighted mean over counted samples.
+        """
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(
             0,
@@ -173,7 +192,10 @@ class LatentDiffusionModule(L.LightningModule):
             if self.noise_scheduler.config.prediction_type == "v_prediction":
                 weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
             per_sample = per_sample * weight
-        return per_sample.mean()
+        if sample_weights is None:
+            return per_sample.mean()
+        sample_weights = sample_weights.to(per_sample)
+        return (per_sample * sample_weights).sum() / sample_weights.sum().clamp_min(1.0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self.skipped_samples += int(batch.get("num_skipped", 0))
@@ -181,7 +203,7 @@ class LatentDiffusionModule(L.LightningModule):
         if len(batch["caption"]) == 0:
             return None  # every sample of this batch was unreadable; Lightning skips the step
         captions = drop_captions(batch["caption"], self.ucg_probability)
-        loss = self.diffusion_loss(batch["pixel_values"], captions)
+        loss = self.diffusion_loss(self.batch_latents(batch), captions, sample_weights=batch.get("loss_weight"))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(captions))
         return loss
 
@@ -190,7 +212,7 @@ class LatentDiffusionModule(L.LightningModule):
         if len(batch["caption"]) == 0:
             return
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        loss = self.diffusion_loss(batch["pixel_values"], batch["caption"], generator)
+        loss = self.diffusion_loss(self.batch_latents(batch, generator), batch["caption"], generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
 
     # ----------------------------------------------------------------------------------------- optimisation

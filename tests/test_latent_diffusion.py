@@ -120,7 +120,9 @@ def test_loss_on_a_fixed_batch_falls_with_training(tiny_overrides, tmp_path, ext
                 sum(
                     float(
                         module.diffusion_loss(
-                            batch["pixel_values"], batch["caption"], torch.Generator().manual_seed(seed)
+                            module.batch_latents(batch, generator := torch.Generator().manual_seed(seed)),
+                            batch["caption"],
+                            generator,
                         )
                     )
                     for seed in range(8)
@@ -214,3 +216,20 @@ def test_text_features_are_never_cached_for_a_trainable_encoder(tiny_overrides):
     module.train()
     features = module.encode_text(CAPTIONS)
     assert features.requires_grad and not module.text_feature_cache
+
+
+def test_uncounted_repeats_carry_no_loss_weight(tiny_overrides):
+    """The evening-out repeats of an epoch's last batches (loss_weight 0) leave the loss unchanged."""
+    module = tiny_module(tiny_overrides)
+    latents = module.encode_images(tiny_batches(1)[0]["pixel_values"], torch.Generator().manual_seed(0))
+    other = latents.clone()
+    other[2:] = torch.randn_like(other[2:])
+
+    def loss(values: torch.Tensor, weights: torch.Tensor | None) -> float:
+        with torch.no_grad():
+            return float(module.diffusion_loss(values, CAPTIONS, torch.Generator().manual_seed(1), weights))
+
+    counted_first_two = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert loss(latents, counted_first_two) == pytest.approx(loss(other, counted_first_two), rel=1e-6)
+    assert loss(latents, None) != pytest.approx(loss(other, None), rel=1e-3)
+    assert loss(latents, torch.ones(4)) == pytest.approx(loss(latents, None), rel=1e-6)

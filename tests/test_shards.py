@@ -1,0 +1,172 @@
+"""Prepared shards: what `datamodules.prepare` writes reads back as the folder reader's samples, streams exactly
+once per epoch across ranks and workers, resumes mid-epoch, and restarts an interrupted preparation."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+import datamodules.prepare as prepare_module
+from configs import ConfigError, load_config
+from datamodules.cxr_datamodule import CxrDataModule
+from datamodules.mimic import MimicCxrDataset, build_mimic_index
+from datamodules.prepare import prepare
+from datamodules.shards import ShardDataset
+from lightning_modules.components import load_tokenizer
+
+SAMPLES_PER_SHARD = 8
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides: list[str]) -> DictConfig:
+    return load_config([], tiny_overrides)
+
+
+@pytest.fixture
+def shards(tiny_cfg: DictConfig, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    prepare(tiny_cfg, out, samples_per_shard=SAMPLES_PER_SHARD)
+    return out
+
+
+def datamodule_for(cfg: DictConfig, shards: Path, **options) -> CxrDataModule:
+    return CxrDataModule(
+        None,
+        cfg.data.resolution,
+        data_format="shards",
+        shards=shards,
+        shard_cache_dir=Path(cfg.data.cache_dir) / "shards",
+        **options,
+    )
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_shards_hold_exactly_the_folder_readers_samples(tiny_cfg, shards):
+    for split in ("train", "validate"):
+        index = build_mimic_index(tiny_cfg.data.root, split=split, tokenizer=load_tokenizer(tiny_cfg.model))
+        folder = MimicCxrDataset(index, tiny_cfg.data.resolution)
+        prepared = ShardDataset(shards, split, Path(tiny_cfg.data.cache_dir) / "shards")
+        assert len(prepared) == len(folder) > 0
+        assert prepared.shard_sizes[0] == min(SAMPLES_PER_SHARD, len(folder))
+        for item in range(len(folder)):
+            expected, got = folder[item], prepared[item]
+            assert got["dicom_id"] == expected["dicom_id"]
+            assert got["caption"] == expected["caption"]
+            assert torch.equal(got["pixel_values"], expected["pixel_values"])  # bit-exact after decoding
+            assert torch.equal(got["labels"].isnan(), expected["labels"].isnan())
+            assert torch.equal(got["labels"].nan_to_num(7.0), expected["labels"].nan_to_num(7.0))
+
+
+def epoch_batches(datamodule: CxrDataModule, rank: int, epoch: int, world_size: int = 2) -> list[dict]:
+    loader = datamodule.train_loader(world_size, rank)
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def counted_ids(batches: list[dict]) -> list[str]:
+    return [i for batch in batches for i, w in zip(batch["dicom_id"], batch["loss_weight"], strict=True) if w > 0]
+
+
+def test_two_ranks_with_two_workers_see_every_sample_once_per_epoch(tiny_overrides, tmp_path):
+    cfg = load_config([], [*tiny_overrides, "data.views=[PA]"])
+    shards = tmp_path / "pa-shards"
+    prepare(cfg, shards, samples_per_shard=SAMPLES_PER_SHARD)
+    datamodule = datamodule_for(cfg, shards, batch_size=4, num_workers=2, seed=5)
+    total = len(datamodule.split_dataset("train"))
+    assert total % 2, "the check needs a count that two ranks cannot split evenly"
+    orders = []
+    for epoch in (0, 1):
+        per_rank = [epoch_batches(datamodule, rank, epoch) for rank in (0, 1)]
+        assert len(per_rank[0]) == len(per_rank[1])  # DDP: every process takes the same number of steps
+        seen = counted_ids(per_rank[0]) + counted_ids(per_rank[1])
+        assert len(seen) == len(set(seen)) == total
+        orders.append(seen)
+    assert orders[0] != orders[1]
+    again = datamodule_for(cfg, shards, batch_size=4, num_workers=2, seed=5)
+    assert counted_ids(epoch_batches(again, 0, 1)) + counted_ids(epoch_batches(again, 1, 1)) == orders[1]
+
+
+def test_a_loader_restored_mid_epoch_continues_with_the_same_batches(tiny_cfg, shards):
+    def loader():
+        return datamodule_for(tiny_cfg, shards, batch_size=3, num_workers=2, seed=1).train_loader(1, 0)
+
+    uninterrupted = [batch["dicom_id"] for batch in loader()]
+    interrupted = loader()
+    iterator = iter(interrupted)
+    first = [next(iterator)["dicom_id"] for _ in range(4)]
+    state = interrupted.state_dict()
+    del iterator
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert first + [batch["dicom_id"] for batch in resumed] == uninterrupted
+
+
+def test_an_interrupted_preparation_finishes_to_identical_shards(
+    tiny_cfg, tiny_overrides, shards, tmp_path, monkeypatch
+):
+    out = tmp_path / "interrupted"
+    real_write_shard = prepare_module.write_shard
+    written = []
+
+    def write_then_crash(path: Path, records) -> None:
+        if len(written) == 2:
+            path.with_name(path.name + ".partial").write_bytes(b"half a tar")
+            raise KeyboardInterrupt
+        real_write_shard(path, records)
+        written.append(path)
+
+    monkeypatch.setattr(prepare_module, "write_shard", write_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tiny_cfg, out, samples_per_shard=SAMPLES_PER_SHARD)
+    monkeypatch.undo()
+    finished = {path: path.stat().st_mtime_ns for path in written}
+    prepare(tiny_cfg, out, samples_per_shard=SAMPLES_PER_SHARD)
+    digests = file_digests(out)
+    assert digests == {name: d for name, d in file_digests(shards).items() if not name.endswith(".partial")}
+    assert {path: path.stat().st_mtime_ns for path in written} == finished  # finished shards were not rewritten
+    with pytest.raises(ConfigError, match="resolution"):
+        prepare(load_config([], [*tiny_overrides, "data.resolution=16"]), out, samples_per_shard=8)
+
+
+def test_undecodable_images_are_skipped_and_counted(tiny_overrides, synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    index = build_mimic_index(root, split="train")
+    Path(index.samples["image_path"].iloc[3].replace(str(synthetic_root), str(root))).write_bytes(b"not a jpeg")
+    cfg = load_config([], [*tiny_overrides, f"data.root={root}"])
+    summaries = prepare(cfg, tmp_path / "shards", samples_per_shard=SAMPLES_PER_SHARD)
+    assert summaries["train"]["skipped"] == {"undecodable image": 1}
+    assert summaries["train"]["samples"] == len(index) - 1
+    assert "1 undecodable image" in prepare_module.describe("train", summaries["train"])
+
+
+def test_wrong_resolution_and_missing_shards_are_refused_clearly(tiny_cfg, shards, tmp_path):
+    with pytest.raises(ValueError, match="prepared at resolution 32, but data.resolution is 64"):
+        CxrDataModule(None, 64, data_format="shards", shards=shards, shard_cache_dir=tmp_path).setup()
+    with pytest.raises(FileNotFoundError, match="datamodules.prepare"):
+        ShardDataset(tmp_path / "nowhere", "train", tmp_path)
+
+
+def test_the_command_line_prepares_in_parallel_to_the_same_bytes(tiny_overrides, shards, tmp_path, capsys):
+    out = tmp_path / "parallel"
+    prepare_module.main(
+        ["--out", str(out), "--workers", "2", "--samples-per-shard", str(SAMPLES_PER_SHARD), *tiny_overrides]
+    )
+    printed = capsys.readouterr().out
+    assert "train: 34 samples (no latents); skipped: none" in printed
+    assert f"data.format=shards data.shards={out}" in printed
+    assert file_digests(out) == file_digests(shards)
+    with pytest.raises(SystemExit, match="config error: unknown config key 'data.resolutoin'"):
+        prepare_module.main(["--out", str(out), *tiny_overrides, "data.resolutoin=16"])
