@@ -120,11 +120,13 @@ class ShardCacheName:
     and the lock file lands in the cache, never beside a read-only dataset.
     """
 
-    def __init__(self, cache_dir: str | Path) -> None:
-        self.cache_dir = Path(cache_dir)
+    def __init__(self, cache_dir: str | Path, version: str) -> None:
+        self.cache_dir, self.version = Path(cache_dir), version
 
     def __call__(self, url: str) -> str:
-        folder = self.cache_dir / hashlib.sha256(os.path.dirname(url).encode()).hexdigest()[:16]
+        # Keyed by the shards' folder and the index's metadata: shards prepared anew at the same URL get a new folder.
+        key = f"{os.path.dirname(url)}\n{self.version}"
+        folder = self.cache_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
         local = folder / os.path.basename(urllib.parse.urlparse(url).path)
         if not is_url(url) and not local.exists():
@@ -164,7 +166,10 @@ class ShardDataset(Dataset):
             announcement = io.StringIO()
             with contextlib.redirect_stderr(announcement):  # wids prints a line per dataset; keep it for debugging
                 self._reader = wids.ShardListDataset(
-                    self.location, localname=ShardCacheName(self.cache_dir), transformations=[], lru_size=4
+                    self.location,
+                    localname=ShardCacheName(self.cache_dir, json.dumps(self.metadata, sort_keys=True)),
+                    transformations=[],
+                    lru_size=4,
                 )
             log.debug("wids: %s", announcement.getvalue().strip())
         return self._reader

@@ -186,3 +186,17 @@ def tiny_training_overrides(tiny_overrides: list[str]) -> list[str]:
         "callbacks.attention_heatmaps.enabled=false",
         "callbacks.fidelity.enabled=false",
     ]
+
+
+@pytest.fixture
+def tiny_bench_overrides(tiny_model_dir: Path, synthetic_root: Path) -> list[str]:
+    """The tiny model on the small synthetic set, for running the bench/ scripts quickly."""
+    return [
+        f"model.pretrained={tiny_model_dir}",
+        "model.text_encoder.pretrained=null",
+        "model.text_encoder.use_attention_mask=false",
+        "model.text_encoder.max_length=16",
+        "model.vae.pretrained=null",
+        f"data.root={synthetic_root}",
+        "data.resolution=32",
+    ]

@@ -14,18 +14,8 @@ NUMBER = r"([0-9]+\.[0-9]+)"
 SIDES = ("folder", "shards", "latents")
 
 
-def test_quick_benchmark_reports_three_sides_and_their_ratios(tiny_model_dir, synthetic_root, tmp_path):
-    overrides = [
-        f"model.pretrained={tiny_model_dir}",
-        "model.text_encoder.pretrained=null",
-        "model.text_encoder.use_attention_mask=false",
-        "model.text_encoder.max_length=16",
-        "model.vae.pretrained=null",
-        f"data.root={synthetic_root}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.resolution=32",
-        "data.batch_size=4",
-    ]
+def test_quick_benchmark_reports_three_sides_and_their_ratios(tiny_bench_overrides, tmp_path):
+    overrides = [*tiny_bench_overrides, f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=4"]
     command = [sys.executable, str(REPO / "bench" / "data_throughput.py"), "--quick", "--threads", "1", *overrides]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

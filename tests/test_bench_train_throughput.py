@@ -13,19 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 NUMBER = r"([0-9]+\.[0-9]+)"
 
 
-def test_quick_benchmark_reports_both_medians_and_their_ratio(tiny_model_dir, synthetic_root, tmp_path):
-    overrides = [
-        f"model.pretrained={tiny_model_dir}",
-        "model.text_encoder.pretrained=null",
-        "model.text_encoder.use_attention_mask=false",
-        "model.text_encoder.max_length=16",
-        "model.vae.pretrained=null",
-        f"data.root={synthetic_root}",
-        "data.resolution=32",
-    ]
+def test_quick_benchmark_reports_both_medians_and_their_ratio(tiny_bench_overrides, tmp_path):
     command = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--quick", "--threads", "1"]
     result = subprocess.run(
-        [*command, "--profile", *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [*command, "--profile", *tiny_bench_overrides], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

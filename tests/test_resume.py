@@ -4,9 +4,12 @@ import csv
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 import train
+from configs import load_config
+from datamodules.prepare import prepare
 
 
 def losses_by_step(run_dir: Path) -> dict[int, str]:
@@ -18,9 +21,16 @@ def checkpoint_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_stopped_and_resumed_run_matches_the_straight_run(tiny_training_overrides, tmp_path):
+@pytest.mark.parametrize("source", ["folder", "shards with cached latents, 2 loader workers"])
+def test_stopped_and_resumed_run_matches_the_straight_run(tiny_training_overrides, tmp_path, source):
+    data = []
+    if source != "folder":
+        shards = tmp_path / "shards"
+        prepare(load_config([], tiny_training_overrides), shards, with_latents=True, samples_per_shard=8)
+        data = ["data.format=shards", f"data.shards={shards}", "data.num_workers=2"]
     overrides = [
         *tiny_training_overrides,
+        *data,
         "trainer.max_steps=12",  # 34 training images in batches of 4: 9 batches an epoch, so this crosses one
         "train.checkpointing_steps=5",  # the stop: mid-epoch
         "trainer.val_check_interval=4",

@@ -3,8 +3,11 @@ once per epoch across ranks and workers, resumes mid-epoch, and restarts an inte
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,21 @@ def test_the_command_line_prepares_in_parallel_to_the_same_bytes(tiny_overrides,
     assert file_digests(out) == file_digests(shards)
     with pytest.raises(SystemExit, match="config error: unknown config key 'data.resolutoin'"):
         prepare_module.main(["--out", str(out), *tiny_overrides, "data.resolutoin=16"])
+
+
+def test_shards_stream_from_a_url_into_the_cache(tiny_cfg, shards, tmp_path):
+    """An object-store-style URL (here HTTP on localhost): shards are downloaded once into the cache, then read."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = ShardDataset(url, "train", tmp_path / "remote-cache")
+        local = ShardDataset(shards, "train", Path(tiny_cfg.data.cache_dir) / "shards")
+        assert len(remote) == len(local)
+        for item in (0, len(local) - 1):
+            assert torch.equal(remote[item]["pixel_values"], local[item]["pixel_values"])
+            assert remote[item]["caption"] == local[item]["caption"]
+        server.shutdown()
+    downloaded = sorted(path.name for path in (tmp_path / "remote-cache").rglob("*.tar"))
+    assert downloaded == ["shard-000000.tar", "shard-000004.tar"]
+    assert not any(path.is_symlink() for path in (tmp_path / "remote-cache").rglob("*.tar"))
