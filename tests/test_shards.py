@@ -18,8 +18,10 @@ import datamodules.prepare as prepare_module
 from configs import ConfigError, load_config
 from datamodules.cxr_datamodule import CxrDataModule
 from datamodules.mimic import MimicCxrDataset, build_mimic_index
+from datamodules.mscxr import load_grounding_sample, read_ms_cxr
 from datamodules.prepare import prepare
 from datamodules.shards import ShardDataset
+from datamodules.synthetic import MS_CXR_FILE
 from lightning_modules.components import load_tokenizer
 
 SAMPLES_PER_SHARD = 8
@@ -191,3 +193,18 @@ def test_shards_stream_from_a_url_into_the_cache(tiny_cfg, shards, tmp_path):
     downloaded = sorted(path.name for path in (tmp_path / "remote-cache").rglob("*.tar"))
     assert downloaded == ["shard-000000.tar", "shard-000004.tar"]
     assert not any(path.is_symlink() for path in (tmp_path / "remote-cache").rglob("*.tar"))
+
+
+def test_ms_cxr_grounding_images_match_the_prepared_images(tiny_overrides, synthetic_root, tmp_path):
+    """Grounding reads the raw MS-CXR CSV and JPGs through the same transform that wrote the shards."""
+    cfg = load_config([], [*tiny_overrides, "data.splits.val=test"])
+    prepare(cfg, tmp_path / "shards", samples_per_shard=SAMPLES_PER_SHARD)
+    prepared = {}
+    for split in ("train", "test"):
+        dataset = ShardDataset(tmp_path / "shards", split, tmp_path / "cache")
+        prepared |= {sample["dicom_id"]: sample for sample in (dataset[i] for i in range(len(dataset)))}
+    items = [i for i in read_ms_cxr(synthetic_root / MS_CXR_FILE) if i.dicom_id in prepared]
+    assert items
+    for item in items:
+        grounding = load_grounding_sample(item, synthetic_root, cfg.data.resolution)
+        assert torch.equal(grounding["pixel_values"], prepared[item.dicom_id]["pixel_values"])
