@@ -91,7 +91,10 @@ def read_split_metadata(shards: str | Path, split: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no prepared split '{split}' at {location}: run `python -m datamodules.prepare --out {shards}` first"
         )
-    descriptor = load_dsdesc_and_resolve(location)
+    try:
+        descriptor = load_dsdesc_and_resolve(location)
+    except (json.JSONDecodeError, AssertionError, KeyError) as error:  # wids checks descriptors with asserts
+        raise ValueError(f"{location} is not a valid shard index ({error!r}); prepare the data again") from error
     metadata = descriptor.get(METADATA_KEY)
     if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{location} was not written by datamodules.prepare (format version {FORMAT_VERSION})")
@@ -181,8 +184,8 @@ class ShardDataset(Dataset):
         return sum(self.shard_sizes)
 
     def __getitem__(self, item: int) -> dict[str, Any] | None:
-        record = self.reader()[item]
         try:
+            record = self.reader()[item]
             meta = json.load(record["." + META_FIELD])
             sample = {
                 "caption": meta["caption"],
@@ -197,8 +200,8 @@ class ShardDataset(Dataset):
                     sample["pixel_values"] = to_model_tensor(image)
             if self.read_latents:
                 sample["latent_moments"] = torch.from_numpy(np.load(record["." + MOMENTS_FIELD]))
-        except (KeyError, ValueError, OSError) as error:
-            where = f"record {record.get('__key__')} of {record.get('__shard__')}"
-            log.warning("skipping undecodable %s: %s", where, error)
+        # A damaged record, or a truncated or missing shard (wids then lacks the index: IndexError).
+        except (KeyError, IndexError, ValueError, OSError) as error:
+            log.warning("skipping unreadable sample %d of %s: %s", item, self.location, error)
             return None
         return sample

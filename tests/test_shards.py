@@ -162,6 +162,9 @@ def test_wrong_resolution_and_missing_shards_are_refused_clearly(tiny_cfg, shard
         CxrDataModule(None, 64, data_format="shards", shards=shards, shard_cache_dir=tmp_path).setup()
     with pytest.raises(FileNotFoundError, match="datamodules.prepare"):
         ShardDataset(tmp_path / "nowhere", "train", tmp_path)
+    (shards / "validate" / "index.json").write_text('{"shardlist": [')
+    with pytest.raises(ValueError, match=r"validate/index.json is not a valid shard index"):
+        ShardDataset(shards, "validate", tmp_path)
 
 
 def test_the_command_line_prepares_in_parallel_to_the_same_bytes(tiny_overrides, shards, tmp_path, capsys):
@@ -208,3 +211,17 @@ def test_ms_cxr_grounding_images_match_the_prepared_images(tiny_overrides, synth
     for item in items:
         grounding = load_grounding_sample(item, synthetic_root, cfg.data.resolution)
         assert torch.equal(grounding["pixel_values"], prepared[item.dicom_id]["pixel_values"])
+
+
+def test_damaged_records_and_a_truncated_shard_are_skipped_and_counted(tiny_cfg, shards):
+    damaged = shards / "train" / "shard-000000.tar"
+    content = bytearray(damaged.read_bytes())
+    start = content.find(b"IDAT")  # the first record's PNG pixel data
+    content[start + 10 : start + 60] = b"x" * 50
+    damaged.write_bytes(bytes(content))
+    truncated = shards / "train" / "shard-000004.tar"  # the last shard: 34 = 4 x 8 + 2 samples
+    truncated.write_bytes(truncated.read_bytes()[:1024])
+    datamodule = datamodule_for(tiny_cfg, shards, batch_size=4)
+    batches = list(datamodule.train_loader(1, 0))
+    assert sum(batch["num_skipped"] for batch in batches) == 3  # 1 damaged + the truncated shard's 2
+    assert len(counted_ids(batches)) == 34 - 3
