@@ -184,6 +184,10 @@ def trainer_for(
     cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list[Logger], **overrides
 ) -> L.Trainer:
     kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **overrides}
+    if kwargs.get("use_distributed_sampler", False):
+        raise ConfigError("trainer.use_distributed_sampler must stay false: CxrDataModule shards the data itself")
+    # The datamodule's ExactlyOnceSampler already gives each process its share; Lightning must not re-shard it.
+    kwargs["use_distributed_sampler"] = False
     return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
 
 

@@ -146,11 +146,17 @@ class CxrDataModule(L.LightningDataModule):
         """Epoch-seeded shuffling, sliced per process, and a loader whose position is saved in checkpoints.
 
         Lightning stores the state of a stateful loader in the checkpoint, so a run resumed mid-epoch continues
-        with the very next batch. The sampler is built for this process's rank (Lightning leaves a sampler with
-        ``set_epoch`` as it is); shards are shuffled shard-locally, ``shuffle_window`` shards at a time.
+        with the very next batch. The sampler is built for this process's rank (train.py keeps Lightning from
+        re-sharding it); shards are shuffled shard-locally, ``shuffle_window`` shards at a time.
         """
-        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        return self.train_loader(world_size, rank)
+        return self.train_loader(*self._world())
+
+    def val_dataloader(self) -> DataLoader:
+        """Every validation sample once across processes, in dataset order (evening-out repeats weigh 0)."""
+        return self.val_loader(*self._world())
+
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
 
     def train_loader(self, world_size: int, rank: int) -> StatefulDataLoader:
         dataset = self.split_dataset(self.train_split)
@@ -164,9 +170,10 @@ class CxrDataModule(L.LightningDataModule):
         )
         return StatefulDataLoader(DrawnDataset(dataset), sampler=sampler, **self._loader_options())
 
-    def val_dataloader(self) -> DataLoader:
+    def val_loader(self, world_size: int, rank: int) -> DataLoader:
         dataset = self.split_dataset(self.val_split)
-        return DataLoader(dataset, shuffle=False, **self._loader_options())
+        sampler = ExactlyOnceSampler(len(dataset), num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(DrawnDataset(dataset), sampler=sampler, **self._loader_options())
 
     def _loader_options(self) -> dict:
         # An explicit generator keeps loaders from drawing on the global RNG, which training noise relies on.

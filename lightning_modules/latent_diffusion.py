@@ -212,8 +212,11 @@ class LatentDiffusionModule(L.LightningModule):
         if len(batch["caption"]) == 0:
             return
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        loss = self.diffusion_loss(self.batch_latents(batch, generator), batch["caption"], generator)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+        weights = batch.get("loss_weight")
+        loss = self.diffusion_loss(self.batch_latents(batch, generator), batch["caption"], generator, weights)
+        counted = len(batch["caption"]) if weights is None else int(weights.sum())
+        # Weighted by counted samples (none for a batch of evening-out repeats): the exact mean over processes.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=counted)
 
     # ----------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+
+from configs import ConfigError, load_config
+from train import build_datamodule, trainer_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,3 +72,45 @@ def test_two_process_run_logs_the_same_evaluation_as_one_process(tiny_overrides,
         names = sorted(p.name for p in (run_dir / "images").iterdir())
         assert len(names) == len(set(names)) and any(name.startswith("samples_") for name in names)
     assert sorted(p.name for p in (one / "images").iterdir()) == sorted(p.name for p in (two / "images").iterdir())
+
+
+class RecordDraws(L.LightningModule):
+    """Writes which samples each process trained on, with their loss weights; learns nothing."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out, self.weight = out, torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        with open(self.out / f"rank{self.global_rank}.txt", "a") as handle:
+            for dicom_id, weight in zip(batch["dicom_id"], batch["loss_weight"].tolist(), strict=True):
+                handle.write(f"{self.current_epoch} {batch_idx} {dicom_id} {weight}\n")
+        return (self.weight * 0).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_two_processes_train_on_every_sample_exactly_once_per_epoch(tiny_overrides, tmp_path):
+    """The trainer and datamodule that train.py builds, under real DDP: no re-sharding, no loss, no repeat."""
+    cfg = load_config([], [*tiny_overrides, "data.views=[PA]", "trainer.max_epochs=2", "trainer.max_steps=-1"])
+    datamodule = build_datamodule(cfg, cfg.data.root, batch_size=4)
+    total = len(datamodule.split_dataset(cfg.data.splits.train))
+    assert total % 2, "the check needs a count that two processes cannot split evenly"
+    overrides = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn", "limit_val_batches": 0}
+    trainer = trainer_for(cfg, tmp_path / "run", [], [], enable_checkpointing=False, **overrides)
+    trainer.fit(RecordDraws(tmp_path), datamodule=datamodule)
+
+    rows = {rank: [line.split() for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines()] for rank in (0, 1)}
+    for epoch in ("0", "1"):
+        counted = [d for rank in (0, 1) for e, _, d, weight in rows[rank] if e == epoch and float(weight) > 0]
+        assert len(counted) == len(set(counted)) == total
+    assert any(float(weight) == 0 for rank in (0, 1) for *_, weight in rows[rank])  # the evening-out repeat
+    steps = [{(epoch, step) for epoch, step, *_ in rows[rank]} for rank in (0, 1)]
+    assert steps[0] == steps[1]  # every process takes the same steps: DDP never waits on a missing one
+
+
+def test_lightning_may_not_reshard_the_datamodules_sampler(tiny_overrides, tmp_path):
+    cfg = load_config([], [*tiny_overrides, "trainer.use_distributed_sampler=true"])
+    with pytest.raises(ConfigError, match="use_distributed_sampler must stay false"):
+        trainer_for(cfg, tmp_path, [], [])
