@@ -25,9 +25,9 @@ import argparse
 import functools
 import json
 import multiprocessing
-from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from configs import ConfigError, load_config
 from datamodules.cxr_datamodule import dataset_fingerprint, resolve_data_root
-from datamodules.mimic import CHEXPERT_LABELS, build_mimic_index
+from datamodules.mimic import CHEXPERT_LABELS, MimicIndex, build_mimic_index
 from datamodules.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -196,8 +196,8 @@ def prepare(
     check_plan(out, plan)
 
     indices = {}
-    tasks: list[ShardTask] = []
-    finished: dict[tuple[str, int], ShardResult] = {}
+    todo: list[tuple[str, int, int]] = []  # (split, shard position, first row) of each shard still to write
+    results: dict[tuple[str, int], ShardResult] = {}
     for split in splits:
         index = build_mimic_index(
             root,
@@ -208,61 +208,77 @@ def prepare(
             tokenizer=tokenizer,
         )
         indices[split] = index
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = index.samples.to_dict("records")
-        for position, first in enumerate(range(0, len(rows), samples_per_shard)):
-            done = finished_result(folder, position)
-            if done is not None:
-                finished[(split, position)] = done
-                continue
-            chunk = rows[first : first + samples_per_shard]
-            task = ShardTask(
-                folder, position, first, chunk, int(cfg.data.resolution), str(vae_folder) if vae_folder else None,
-                device, latent_batch_size,
-            )  # fmt: skip
-            tasks.append(task)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for position, first in enumerate(range(0, len(index), samples_per_shard)):
+            done = finished_result(out / split, position)
+            if done is None:
+                todo.append((split, position, first))
+            else:
+                results[(split, position)] = done
 
-    results = dict(finished)
-    total = sum(len(task.rows) for task in tasks)
-    with tqdm(total=total, unit="img", desc=f"preparing {len(tasks)} shards ({len(finished)} already done)") as bar:
-        for task, result in zip(tasks, run_tasks(tasks, workers), strict=True):
+    def tasks() -> Iterator[ShardTask]:  # built one at a time: rows of a whole MIMIC split would be gigabytes
+        for split, position, first in todo:
+            rows = indices[split].samples.iloc[first : first + samples_per_shard].to_dict("records")
+            vae = str(vae_folder) if vae_folder else None
+            yield ShardTask(
+                out / split, position, first, rows, int(cfg.data.resolution), vae, device, latent_batch_size
+            )
+
+    total = sum(min(samples_per_shard, len(indices[split]) - first) for split, _, first in todo)
+    with tqdm(total=total, unit="img", desc=f"preparing {len(todo)} shards ({len(results)} already done)") as bar:
+        for task, result in run_tasks(tasks(), workers):
             results[(task.folder.name, task.position)] = result
             bar.update(len(task.rows))
-
-    summaries = {}
-    for split, index in indices.items():
-        positions = sorted(position for name, position in results if name == split)
-        skipped = Counter(index.skipped)
-        for position in positions:
-            skipped.update(results[(split, position)].skipped)
-        metadata = {
-            **{key: plan[key] for key in ("format_version", "dataset_fingerprint", "resolution", "views")},
-            **{key: plan[key] for key in ("caption_section", "latents")},
-            "split": split,
-            "samples": sum(results[(split, p)].nsamples for p in positions),
-            "skipped": dict(sorted(skipped.items())),
-            "truncated_captions": index.truncated_captions,
-        }
-        shardlist = [
-            {"url": shard_file_name(p), "nsamples": results[(split, p)].nsamples}
-            for p in positions
-            if results[(split, p)].nsamples
-        ]
-        descriptor = {"wids_version": 1, "name": split, "shardlist": shardlist, METADATA_KEY: metadata}
-        write_json_atomically(out / split / INDEX_FILE, descriptor)
-        summaries[split] = metadata
-    return summaries
+    return {split: write_split_index(out / split, index, plan, results) for split, index in indices.items()}
 
 
-def run_tasks(tasks: Sequence[ShardTask], workers: int):
-    """Results in task order; in this process for workers <= 1, else in spawned processes of one thread each."""
+def write_split_index(
+    folder: Path, index: MimicIndex, plan: dict[str, Any], results: dict[tuple[str, int], ShardResult]
+) -> dict[str, Any]:
+    """The split folder's wids descriptor (its non-empty shards) with our metadata; returns the metadata."""
+    split = folder.name
+    shards = {position: result for (name, position), result in sorted(results.items()) if name == split}
+    skipped = Counter(index.skipped)
+    for result in shards.values():
+        skipped.update(result.skipped)
+    metadata = {
+        **{key: plan[key] for key in ("format_version", "dataset_fingerprint", "resolution", "views")},
+        **{key: plan[key] for key in ("caption_section", "latents")},
+        "split": split,
+        "samples": sum(result.nsamples for result in shards.values()),
+        "skipped": dict(sorted(skipped.items())),
+        "truncated_captions": index.truncated_captions,
+    }
+    shardlist = [
+        {"url": shard_file_name(position), "nsamples": result.nsamples}
+        for position, result in shards.items()
+        if result.nsamples
+    ]
+    descriptor = {"wids_version": 1, "name": split, "shardlist": shardlist, METADATA_KEY: metadata}
+    write_json_atomically(folder / INDEX_FILE, descriptor)
+    return metadata
+
+
+def run_tasks(tasks: Iterable[ShardTask], workers: int) -> Iterator[tuple[ShardTask, ShardResult]]:
+    """(task, result) in task order; in this process for workers <= 1, else in spawned one-thread processes.
+
+    At most two tasks per worker are in flight, so memory stays bounded however many shards there are.
+    """
     if workers <= 1:
-        yield from map(write_one_shard, tasks)
+        for task in tasks:
+            yield task, write_one_shard(task)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        yield from pool.map(write_one_shard, tasks)
+        in_flight: deque[tuple[ShardTask, Future]] = deque()
+        for task in tasks:
+            in_flight.append((task, pool.submit(write_one_shard, task)))
+            if len(in_flight) >= 2 * workers:
+                done, future = in_flight.popleft()
+                yield done, future.result()
+        while in_flight:
+            done, future = in_flight.popleft()
+            yield done, future.result()
 
 
 def describe(split: str, metadata: dict[str, Any]) -> str:
