@@ -51,7 +51,12 @@ from datamodules.shards import (
 )
 from datamodules.transforms import load_grayscale_image, resize_center_crop, to_model_tensor
 from lightning_modules.autoencoder import vae_cache_folder
-from lightning_modules.components import load_tokenizer, pretrained_vae_folder, vae_fingerprint
+from lightning_modules.components import (
+    load_tokenizer,
+    pretrained_vae_folder,
+    vae_downsampling_factor,
+    vae_fingerprint,
+)
 
 PLAN_FILE = "prepare.json"
 SKIP_UNDECODABLE = "undecodable image"
@@ -178,8 +183,7 @@ def prepare(
     latents = None
     if vae_folder is not None:
         vae = frozen_vae(str(vae_folder), "cpu")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        size = cfg.data.resolution // factor
+        size = cfg.data.resolution // vae_downsampling_factor(vae)
         latents = {"vae_fingerprint": vae_fingerprint(vae), "shape": [2 * vae.config.latent_channels, size, size]}
     splits = list(dict.fromkeys(cfg.data.splits.values()))
     plan = {
