@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -10,65 +9,40 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.image_logging import TILE, image_grid, log_image
-from callbacks.periodic import PeriodicCallback
-from datamodules.mscxr import GroundingItem
+from callbacks.ms_cxr_evaluation import MsCxrEvaluationCallback
 from grounding.evaluation import (
     GroundingBatch,
     evaluate_grounding,
-    grounding_items,
     grounding_tiles,
-    heatmap_settings,
     score_caption,
 )
-from grounding.phrase_grounding import HeatmapSettings
-from metrics.grounding_metrics import PhraseGroundingMetrics
 
 
-class AttentionHeatmapCallback(PeriodicCallback):
+class AttentionHeatmapCallback(MsCxrEvaluationCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of fit, on rank 0, with the EMA weights: a grid of
     a fixed panel of MS-CXR pairs, each as the X-ray and its phrase-grounding heatmap overlaid, ground-truth
-    boxes outlined, the phrase and its scores as labels. Written to ``out_dir`` and the image loggers."""
+    boxes outlined, the phrase and its scores as labels. Written to ``out_dir`` and the image loggers.
 
-    def __init__(
-        self,
-        items: Sequence[GroundingItem],
-        data_root: str | Path,
-        resolution: int,
-        settings: HeatmapSettings,
-        out_dir: str | Path,
-        every_n_steps: int = 500,
-        thresholds: Sequence[float] = (0.3, 0.5),
-        batch_size: int = 8,
-    ) -> None:
-        if not items:
-            raise ValueError("AttentionHeatmapCallback: empty panel (check the MS-CXR CSV and the panel's split)")
-        super().__init__(every_n_steps)
-        self.items, self.data_root, self.resolution = list(items), Path(data_root), resolution
-        self.settings, self.out_dir = settings, Path(out_dir)
-        self.thresholds, self.batch_size = tuple(thresholds), batch_size
+    Takes ``MsCxrEvaluationCallback``'s arguments, and ``out_dir``.
+    """
+
+    def __init__(self, *args, out_dir: str | Path, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.out_dir = Path(out_dir)
         self.written: list[Path] = []
 
     @classmethod
     def from_config(cls, cfg: DictConfig, data_root: Path, out_dir: Path) -> AttentionHeatmapCallback:
         """``callbacks.attention_heatmaps`` (how often, panel size and split, N and K) over ``grounding``."""
         own = cfg.callbacks.attention_heatmaps
-        return cls(
-            grounding_items(cfg.data.ms_cxr_csv, data_root, own.split, own.num_items),
-            data_root,
-            cfg.data.resolution,
-            heatmap_settings(cfg.grounding, num_inference_steps=own.num_inference_steps, last_k_steps=own.last_k_steps),
-            out_dir,
-            own.every_n_steps,
-            tuple(cfg.grounding.thresholds),
-            cfg.grounding.batch_size,
-        )
+        return cls(**cls.config_arguments(cfg, data_root, own, own.split), out_dir=out_dir)
 
     def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Compute the panel's heatmaps and log the grid (rank 0 only; once per step)."""
         if not trainer.is_global_zero:
             return
         batches: list[GroundingBatch] = []
-        metric = PhraseGroundingMetrics(thresholds=self.thresholds, seed=self.settings.seed)
+        metric = self.new_metric()
         evaluate_grounding(
             module, self.items, self.data_root, self.resolution, self.settings, metric, self.batch_size, batches.append
         )

@@ -1,0 +1,54 @@
+"""What the in-training grounding callbacks share: which MS-CXR pairs they score, and how."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from callbacks.periodic import PeriodicCallback
+from datamodules.mscxr import GroundingItem
+from grounding.evaluation import grounding_items, heatmap_settings
+from grounding.phrase_grounding import HeatmapSettings
+from metrics.grounding_metrics import PhraseGroundingMetrics
+
+
+class MsCxrEvaluationCallback(PeriodicCallback):
+    """A periodic evaluation over MS-CXR pairs at model resolution, with its attention settings and thresholds."""
+
+    def __init__(
+        self,
+        items: Sequence[GroundingItem],
+        data_root: str | Path,
+        resolution: int,
+        settings: HeatmapSettings,
+        every_n_steps: int = 500,
+        thresholds: Sequence[float] = (0.3, 0.5),
+        batch_size: int = 8,
+    ) -> None:
+        if not items:
+            raise ValueError(f"{type(self).__name__}: no MS-CXR pairs to score (check the MS-CXR CSV and the split)")
+        super().__init__(every_n_steps)
+        self.items, self.data_root, self.resolution = list(items), Path(data_root), resolution
+        self.settings, self.thresholds, self.batch_size = settings, tuple(thresholds), batch_size
+
+    @staticmethod
+    def config_arguments(cfg: DictConfig, data_root: Path, own: DictConfig, split: str | None) -> dict[str, Any]:
+        """Constructor arguments from the callback's own section (how often, how many pairs, N and K) over
+        the ``grounding`` protocol section."""
+        return {
+            "items": grounding_items(cfg.data.ms_cxr_csv, data_root, split, own.num_items),
+            "data_root": data_root,
+            "resolution": cfg.data.resolution,
+            "settings": heatmap_settings(
+                cfg.grounding, num_inference_steps=own.num_inference_steps, last_k_steps=own.last_k_steps
+            ),
+            "every_n_steps": own.every_n_steps,
+            "thresholds": tuple(cfg.grounding.thresholds),
+            "batch_size": cfg.grounding.batch_size,
+        }
+
+    def new_metric(self) -> PhraseGroundingMetrics:
+        return PhraseGroundingMetrics(thresholds=self.thresholds, seed=self.settings.seed)
