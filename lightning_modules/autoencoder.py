@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from datamodules.cxr_datamodule import dataset_fingerprint
+from datamodules.sampling import counted_mean
 
 
 class AutoencoderModule(L.LightningModule):
@@ -48,8 +49,9 @@ class AutoencoderModule(L.LightningModule):
             return None
         posterior = self.vae.encode(images).latent_dist
         reconstruction = self.vae.decode(posterior.sample()).sample
-        rec_loss = self.reconstruction_loss(reconstruction, images)
-        kl = posterior.kl().mean()
+        per_image = self.reconstruction_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3))
+        weights = batch.get("loss_weight")  # evening-out repeats of a multi-process epoch weigh 0
+        rec_loss, kl = counted_mean(per_image, weights), counted_mean(posterior.kl(), weights)
         loss = rec_loss + self.kl_weight * kl
         self.log_dict({"autoencoder/loss": loss, "autoencoder/kl": kl}, prog_bar=True, batch_size=len(images))
         return loss
@@ -60,7 +62,7 @@ class AutoencoderModule(L.LightningModule):
             return
         reconstruction = self.reconstruct(images)
         per_image = F.mse_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3))
-        self.val_mse.update(per_image)
+        self.val_mse.update(per_image, weight=batch.get("loss_weight", 1.0))
         if batch_idx == 0:
             self.last_val_batch = (images[:8].cpu(), reconstruction[:8].cpu())
 

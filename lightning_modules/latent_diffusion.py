@@ -21,6 +21,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig
 
+from datamodules.sampling import counted_mean
 from lightning_modules.components import DiffusionParts, build_diffusion_parts, sampling_scheduler
 
 PART_NAMES = ("unet", "text_encoder", "vae")
@@ -192,10 +193,7 @@ class LatentDiffusionModule(L.LightningModule):
             if self.noise_scheduler.config.prediction_type == "v_prediction":
                 weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
             per_sample = per_sample * weight
-        if sample_weights is None:
-            return per_sample.mean()
-        sample_weights = sample_weights.to(per_sample)
-        return (per_sample * sample_weights).sum() / sample_weights.sum().clamp_min(1.0)
+        return counted_mean(per_sample, sample_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self.skipped_samples += int(batch.get("num_skipped", 0))
