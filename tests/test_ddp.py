@@ -2,6 +2,7 @@
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,8 +92,12 @@ class RecordDraws(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_two_processes_train_on_every_sample_exactly_once_per_epoch(tiny_overrides, tmp_path):
+def test_two_processes_train_on_every_sample_exactly_once_per_epoch(tiny_overrides, tmp_path, monkeypatch):
     """The trainer and datamodule that train.py builds, under real DDP: no re-sharding, no loss, no repeat."""
+    with socket.socket() as probe:  # Lightning would leave its rendezvous settings in this process's environment
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     cfg = load_config([], [*tiny_overrides, "data.views=[PA]", "trainer.max_epochs=2", "trainer.max_steps=-1"])
     datamodule = build_datamodule(cfg, cfg.data.root, batch_size=4)
     total = len(datamodule.split_dataset(cfg.data.splits.train))
