@@ -33,7 +33,7 @@ import wids
 from PIL import Image
 from torch.utils.data import Dataset
 from webdataset import TarWriter
-from wids.wids_specs import load_dsdesc_and_resolve
+from wids.wids_specs import load_dsdesc_and_resolve, urldir
 
 from configs import ConfigError
 from datamodules.mimic import CHEXPERT_LABELS
@@ -84,21 +84,26 @@ def split_index_location(shards: str | Path, split: str) -> str:
     return f"{str(shards).rstrip('/')}/{split}/{INDEX_FILE}"
 
 
-def read_split_metadata(shards: str | Path, split: str) -> dict[str, Any]:
-    """The ``cxr_diffusion`` entry of a split's index, with a clear error when the split was never prepared."""
+def load_split_index(shards: str | Path, split: str) -> dict[str, Any]:
+    """A split's wids descriptor, shard URLs resolved, checked; a clear error when it was never prepared."""
     location = split_index_location(shards, split)
     if not is_url(location) and not Path(location).is_file():
         raise FileNotFoundError(
             f"no prepared split '{split}' at {location}: run `python -m datamodules.prepare --out {shards}` first"
         )
     try:
-        descriptor = load_dsdesc_and_resolve(location)
+        descriptor = load_dsdesc_and_resolve(location, base=urldir(location))  # shard URLs beside the index
     except (json.JSONDecodeError, AssertionError, KeyError) as error:  # wids checks descriptors with asserts
         raise ValueError(f"{location} is not a valid shard index ({error!r}); prepare the data again") from error
     metadata = descriptor.get(METADATA_KEY)
     if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{location} was not written by datamodules.prepare (format version {FORMAT_VERSION})")
-    return metadata
+    return descriptor
+
+
+def read_split_metadata(shards: str | Path, split: str) -> dict[str, Any]:
+    """The ``cxr_diffusion`` entry of a split's index: how its shards were prepared."""
+    return load_split_index(shards, split)[METADATA_KEY]
 
 
 def check_cached_latents(latents: dict[str, Any], location: str, vae_fingerprint: str, vae_trainable: bool) -> None:
@@ -155,13 +160,14 @@ class ShardDataset(Dataset):
         read_latents: bool = False,
     ) -> None:
         self.location = split_index_location(shards, split)
-        self.metadata = read_split_metadata(shards, split)
+        descriptor = load_split_index(shards, split)  # fetched once; workers reuse its resolved shard list
+        self.metadata, self.shardlist = descriptor[METADATA_KEY], descriptor["shardlist"]
         if read_latents and self.metadata.get("latents") is None:
             raise ValueError(f"{self.location} holds no latents (prepare with --latents)")
         self.read_pixels, self.read_latents = read_pixels, read_latents
         self.cache_dir = Path(cache_dir)
         self._reader: wids.ShardListDataset | None = None
-        self.shard_sizes = [shard["nsamples"] for shard in self.reader().shards]
+        self.shard_sizes = [shard["nsamples"] for shard in self.shardlist]
 
     def reader(self) -> wids.ShardListDataset:
         """The wids dataset, opened lazily so each DataLoader worker opens (and memory-maps) its own shards."""
@@ -169,7 +175,7 @@ class ShardDataset(Dataset):
             announcement = io.StringIO()
             with contextlib.redirect_stderr(announcement):  # wids prints a line per dataset; keep it for debugging
                 self._reader = wids.ShardListDataset(
-                    self.location,
+                    self.shardlist,
                     localname=ShardCacheName(self.cache_dir, json.dumps(self.metadata, sort_keys=True)),
                     transformations=[],
                     lru_size=4,
