@@ -26,6 +26,8 @@ class AttentionHeatmapCallback(MsCxrEvaluationCallback):
     Takes ``MsCxrEvaluationCallback``'s arguments, and ``out_dir``.
     """
 
+    collective = False  # rank 0 alone, no sync: a failure is always caught (callbacks.evaluation_failures)
+
     def __init__(self, *args, out_dir: str | Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.out_dir = Path(out_dir)
@@ -46,6 +48,7 @@ class AttentionHeatmapCallback(MsCxrEvaluationCallback):
         evaluate_grounding(
             module, self.items, self.data_root, self.resolution, self.settings, metric, self.batch_size, batches.append
         )
+        self.record_skips(skip for batch in batches for skip in batch.skipped)
         tiles, labels = [], []
         for batch in (batch for batch in batches if batch.samples):
             for sample, heatmap, scores in zip(batch.samples, batch.heatmaps, batch.scores, strict=True):

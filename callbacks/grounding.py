@@ -9,12 +9,14 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from callbacks.evaluation_failures import agree_on_success
 from callbacks.ms_cxr_evaluation import MsCxrEvaluationCallback
+from datamodules.skips import SkippedSample
 from grounding.evaluation import evaluate_grounding, sample_rows
 
 
-def gather_rows(rows: list[dict]) -> list[dict]:
-    """Every process's per-sample rows, on every process (plain objects, so not through tensors)."""
+def gather_rows(rows: list) -> list:
+    """Every process's per-sample rows (or skips), on every process (plain objects, so not through tensors)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return rows
     gathered: list[list[dict] | None] = [None] * torch.distributed.get_world_size()
@@ -26,7 +28,9 @@ class GroundingCallback(MsCxrEvaluationCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of fit, on every process, with the EMA weights.
 
     Each process scores its shard of the items; ``PhraseGroundingMetrics`` sums across processes, so the logged
-    ``grounding/<metric>`` and ``grounding/<metric>/<category>`` values cover all items whatever the process count.
+    ``grounding/<metric>`` and ``grounding/<metric>/<category>`` values cover all items whatever the process count;
+    ``grounding/skipped_pairs`` counts the pairs (and CSV rows) that could not be scored, named in the log.
+    The processes agree that their shards succeeded before any sync (see ``callbacks.evaluation_failures``).
     """
 
     @classmethod
@@ -35,27 +39,33 @@ class GroundingCallback(MsCxrEvaluationCallback):
         return cls(**cls.config_arguments(cfg, data_root, cfg.callbacks.grounding, cfg.grounding.split))
 
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], list[dict]]:
-        """Metric values over all items and the per-sample rows of this process's shard (every process must
-        call this: the metric state is synced)."""
+        """Metric values over all items (with ``grounding/skipped_pairs``) and the per-sample rows of this process's
+        shard (every process must call this: the processes agree on success, then metrics and skips are synced)."""
         metric = self.new_metric().to(module.device)
         shard = self.items[trainer.global_rank :: trainer.world_size]
         rows: list[dict] = []
-        evaluate_grounding(
-            module,
-            shard,
-            self.data_root,
-            self.resolution,
-            self.settings,
-            metric,
-            self.batch_size,
-            on_batch=lambda batch: rows.extend(sample_rows(batch)),
-        )
+        skipped: list[SkippedSample] = []
+
+        def keep(batch) -> None:
+            rows.extend(sample_rows(batch))
+            skipped.extend(batch.skipped)
+
+        error = None
+        try:
+            evaluate_grounding(
+                module, shard, self.data_root, self.resolution, self.settings, metric, self.batch_size, keep
+            )
+        except Exception as caught:  # noqa: BLE001 - reported after every process knows (agree_on_success)
+            error = caught
+        agree_on_success(error, module.device)
         results = metric.compute()
         values = {
             f"grounding/{name}": float(value)
             for name, value in results.items()
             if not name.startswith(("nan_count/", "count/"))
         }
+        self.record_skips(gather_rows(skipped))
+        values["grounding/skipped_pairs"] = float(len(self.skipped))
         return values, rows
 
     def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:

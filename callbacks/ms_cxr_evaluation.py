@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,21 @@ from omegaconf import DictConfig
 
 from callbacks.periodic import PeriodicCallback
 from datamodules.mscxr import GroundingItem
+from datamodules.skips import SkipLedger, SkippedSample
 from grounding.evaluation import grounding_items, heatmap_settings
 from grounding.phrase_grounding import HeatmapSettings
 from metrics.grounding_metrics import PhraseGroundingMetrics
 
+log = logging.getLogger(__name__)
+
 
 class MsCxrEvaluationCallback(PeriodicCallback):
-    """A periodic evaluation over MS-CXR pairs at model resolution, with its attention settings and thresholds."""
+    """A periodic evaluation over MS-CXR pairs at model resolution, with its attention settings and thresholds.
+
+    ``skipped`` holds what could not be scored, once per (pair or CSV line, reason): the rows the CSV reader
+    left out (``skipped`` argument) and the pairs an evaluation skipped (missing or undecodable image, every box
+    cropped away); each is logged once, with its id, when first met.
+    """
 
     def __init__(
         self,
@@ -27,19 +36,31 @@ class MsCxrEvaluationCallback(PeriodicCallback):
         every_n_steps: int = 500,
         thresholds: Sequence[float] = (0.3, 0.5),
         batch_size: int = 8,
+        skipped: Iterable[SkippedSample] = (),
     ) -> None:
         if not items:
             raise ValueError(f"{type(self).__name__}: no MS-CXR pairs to score (check the MS-CXR CSV and the split)")
         super().__init__(every_n_steps)
         self.items, self.data_root, self.resolution = list(items), Path(data_root), resolution
         self.settings, self.thresholds, self.batch_size = settings, tuple(thresholds), batch_size
+        self.skipped = SkipLedger()
+        self.record_skips(skipped)
+
+    def record_skips(self, skips: Iterable[SkippedSample]) -> None:
+        for sample_id, reason in self.skipped.add(skips):
+            log.warning("%s: skipping MS-CXR %s: %s", type(self).__name__, sample_id, reason)
 
     @staticmethod
     def config_arguments(cfg: DictConfig, data_root: Path, own: DictConfig, split: str | None) -> dict[str, Any]:
         """Constructor arguments from the callback's own section (how often, how many pairs, N and K) over
         the ``grounding`` protocol section."""
+        skipped = SkipLedger()
+        items = grounding_items(
+            cfg.data.ms_cxr_csv, data_root, split, own.num_items, cfg.grounding.invalid_boxes, skipped
+        )
         return {
-            "items": grounding_items(cfg.data.ms_cxr_csv, data_root, split, own.num_items),
+            "items": items,
+            "skipped": list(skipped),
             "data_root": data_root,
             "resolution": cfg.data.resolution,
             "settings": heatmap_settings(

@@ -2,7 +2,8 @@
 
 Real MIMIC-CXR-JPG and the embedded synthetic set are read by the same code; the split comes from the dataset's
 own split CSV. Shards (``python -m datamodules.prepare``) hold the same samples, preprocessed, for streaming.
-Unreadable images are dropped per batch and counted (see ``collate_skipping_bad``).
+Unreadable images are dropped per batch and passed on as ``SkippedSample``s (see ``collate_skipping_bad``) for the
+training module to count once per sample; ``data_report`` says what each split's index skipped or cut.
 """
 
 from __future__ import annotations
@@ -132,6 +133,28 @@ class CxrDataModule(L.LightningDataModule):
                 "prepare the shards again at this resolution (python -m datamodules.prepare)"
             )
         return dataset
+
+    def data_report(self) -> dict[str, dict]:
+        """Per split read so far: samples, skips by reason and truncated captions, from the index or the shards."""
+        report = {}
+        for split, dataset in self.datasets.items():
+            if self.data_format == "folder":
+                index = self.indices[split]
+                report[split] = {
+                    "samples": len(index),
+                    "skipped": dict(sorted(index.skipped.items())),
+                    "truncated_captions": index.truncated_captions,
+                    "caption_max_tokens": index.max_caption_tokens,
+                }
+            else:
+                metadata = dataset.metadata
+                report[split] = {
+                    "samples": len(dataset),
+                    "skipped": metadata["skipped"],
+                    "truncated_captions": metadata["truncated_captions"],
+                    "caption_max_tokens": metadata.get("caption_max_tokens"),
+                }
+        return report
 
     def split_dataset(self, split: str) -> Dataset:
         if split not in self.datasets:

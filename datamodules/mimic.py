@@ -29,8 +29,22 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.reports import CaptionSection, caption_from_report, truncate_to_tokens
-from datamodules.transforms import load_grayscale_image, resize_center_crop, to_model_tensor
+from datamodules.reports import (
+    CaptionSection,
+    ReportDecodeError,
+    caption_from_report,
+    decode_report,
+    truncate_to_tokens,
+)
+from datamodules.skips import (
+    SKIP_EMPTY_CAPTION,
+    SKIP_MISSING_IMAGE,
+    SKIP_MISSING_REPORT,
+    SKIP_UNREADABLE_REPORT,
+    SkippedSample,
+    describe_skips,
+)
+from datamodules.transforms import UnreadableImageError, load_grayscale_image, resize_center_crop, to_model_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +78,6 @@ REQUIRED_COLUMNS = {
     CHEXPERT_STEM: ("subject_id", "study_id", *CHEXPERT_LABELS),
 }
 
-SKIP_MISSING_IMAGE = "missing image"
-SKIP_MISSING_REPORT = "missing report"
-SKIP_EMPTY_CAPTION = "empty caption"
-
 _SAFE_DICOM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -82,7 +92,10 @@ def read_mimic_csv(root: str | Path, stem: str, required_columns: Sequence[str] 
     csv_path = next((path for path in candidates if path.is_file()), None)
     if csv_path is None:
         raise FileNotFoundError(f"no {stem} table under {root}: expected {candidates[0]} or {candidates[1]}")
-    table = pd.read_csv(csv_path, dtype={"dicom_id": str}, keep_default_na=False, na_values=[""])
+    try:
+        table = pd.read_csv(csv_path, dtype={"dicom_id": str}, keep_default_na=False, na_values=[""])
+    except (UnicodeDecodeError, pd.errors.ParserError, EOFError, OSError) as error:  # gzip errors are OSErrors
+        raise ValueError(f"{csv_path} is not a readable UTF-8 CSV table: {error}") from error
     required = REQUIRED_COLUMNS.get(stem, ()) if required_columns is None else required_columns
     missing = [column for column in required if column not in table.columns]
     if missing:
@@ -100,17 +113,17 @@ def read_mimic_csv(root: str | Path, stem: str, required_columns: Sequence[str] 
 
 
 def resolve_within_root(root: str | Path, relative_path: str, source: str) -> Path:
-    """Resolve a path read from a table against `root`, refusing absolute paths and escapes (`..`, links).
+    """`root / relative_path` for a path read from a table, refusing absolute paths and `..` escapes.
 
-    `source` names where the path came from (file and row) for the error message.
+    Containment is checked on the path as written, not after resolving links: a link the user placed inside the
+    root (a `files/` that points to another disk, as on most clusters) is followed. `source` names where the
+    path came from (file and row) for the error message.
     """
     if PurePosixPath(relative_path).anchor or PureWindowsPath(relative_path).anchor:
         raise ValueError(f"{source}: path {relative_path!r} must be relative to the dataset root")
-    root = Path(root).resolve()
-    resolved = (root / relative_path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(f"{source}: path {relative_path!r} escapes the dataset root {root}")
-    return resolved
+    if ".." in PurePosixPath(relative_path.replace("\\", "/")).parts:
+        raise ValueError(f"{source}: path {relative_path!r} escapes the dataset root {root} ('..')")
+    return Path(root) / relative_path
 
 
 def _study_folder(subject_id: int, study_id: int) -> PurePosixPath:
@@ -156,13 +169,29 @@ class ReportSource:
             self._folder = location
 
     def read(self, subject_id: int, study_id: int) -> str | None:
-        """The study's report text, or None when the report is absent."""
+        """The study's report text, or None when the report is absent.
+
+        Raises ReportDecodeError when the file is not UTF-8 text (see `decode_report`) or cannot be read.
+        """
         relative = report_path("", subject_id, study_id).as_posix()
         if self._zip is not None:
             member = self._members.get(relative)
-            return None if member is None else self._zip.read(member).decode("utf-8", errors="replace")
+            if member is None:
+                return None
+            source = f"{self._zip.filename}:{member}"
+            try:
+                data = self._zip.read(member)
+            except (zipfile.BadZipFile, OSError, EOFError) as error:  # a damaged member (bad CRC, truncated)
+                raise ReportDecodeError(source, SKIP_UNREADABLE_REPORT, str(error)) from error
+            return decode_report(data, source)
         path = self._folder / relative
-        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ReportDecodeError(path, SKIP_UNREADABLE_REPORT, str(error)) from error
+        return decode_report(data, str(path))
 
     def close(self) -> None:
         if self._zip is not None:
@@ -195,11 +224,10 @@ class MimicIndex:
         return len(self.samples)
 
     def summary(self) -> str:
-        """One line, e.g. "train: 1,234 samples (PA/AP); skipped 3 missing image; 12 captions truncated"."""
+        """One line, worded as prepare's and train.py's summaries: "train: 1,234 samples (PA/AP); skipped: 3
+        missing image; 12 captions truncated to 77 tokens"."""
         parts = [f"{self.split}: {len(self):,} samples ({'/'.join(self.views)})"]
-        if self.skipped:
-            skips = ", ".join(f"{count:,} {reason}" for reason, count in self.skipped.items())
-            parts.append(f"skipped {skips}")
+        parts.append(f"skipped: {describe_skips(self.skipped)}")
         if self.max_caption_tokens is not None:
             truncated = f"{self.truncated_captions:,} captions truncated to {self.max_caption_tokens} tokens"
             parts.append(truncated)
@@ -227,7 +255,8 @@ def build_mimic_index(
 
     Views match ViewPosition case-insensitively (an empty ViewPosition never matches). Each study's
     report is read once. Samples are skipped and counted when the JPG is absent (only if `check_images`),
-    the report is absent, or the report gives an empty caption. With a tokenizer, captions are cut to
+    the report is absent, unreadable or not UTF-8 text (never trained on as garbled text), or the report gives
+    an empty caption. With a tokenizer, captions are cut to
     `max_caption_tokens` (default: the tokenizer's model_max_length) and the samples with a cut caption
     counted. Reports come from `reports_root` (default `root`), unpacked or as `mimic-cxr-reports.zip`.
     Raises ValueError when no usable sample is left.
@@ -254,7 +283,7 @@ def build_mimic_index(
 
     skipped: Counter[str] = Counter()
     truncated = 0
-    captions: dict[int, tuple[str | None, bool]] = {}  # study_id -> (caption, was_truncated)
+    captions: dict[int, tuple[str | None, bool, str | None]] = {}  # study_id -> (caption, was_truncated, skip)
     keep = np.zeros(len(images), dtype=bool)
     image_paths: list[str] = []
     sample_captions: list[str] = []
@@ -268,17 +297,12 @@ def build_mimic_index(
                 skipped[SKIP_MISSING_IMAGE] += 1
                 continue
             if study_id not in captions:
-                report = reports.read(subject_id, study_id)
-                caption = None if report is None else caption_from_report(report, caption_section)
-                was_truncated = False
-                if caption and tokenizer is not None:
-                    caption, was_truncated = truncate_to_tokens(caption, tokenizer, max_caption_tokens)
-                captions[study_id] = (caption, was_truncated)
-            caption, was_truncated = captions[study_id]
-            if caption is None:
-                skipped[SKIP_MISSING_REPORT] += 1
-            elif not caption:
-                skipped[SKIP_EMPTY_CAPTION] += 1
+                captions[study_id] = _study_caption(
+                    reports, subject_id, study_id, caption_section, tokenizer, max_caption_tokens
+                )
+            caption, was_truncated, skip_reason = captions[study_id]
+            if skip_reason is not None:
+                skipped[skip_reason] += 1
             else:
                 keep[position] = True
                 truncated += was_truncated
@@ -306,11 +330,37 @@ def build_mimic_index(
     return index
 
 
+def _study_caption(
+    reports: ReportSource,
+    subject_id: int,
+    study_id: int,
+    section: CaptionSection,
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_tokens: int | None,
+) -> tuple[str | None, bool, str | None]:
+    """(caption, was_truncated, skip reason or None) of one study."""
+    try:
+        report = reports.read(subject_id, study_id)
+    except ReportDecodeError as error:
+        logger.warning("skipping the samples of study %s: %s", study_id, error)
+        return None, False, error.reason
+    if report is None:
+        return None, False, SKIP_MISSING_REPORT
+    caption = caption_from_report(report, section)
+    if not caption:
+        return None, False, SKIP_EMPTY_CAPTION
+    if tokenizer is None:
+        return caption, False, None
+    caption, was_truncated = truncate_to_tokens(caption, tokenizer, max_tokens)
+    return caption, was_truncated, None
+
+
 class MimicCxrDataset(Dataset):
     """Model-ready samples of a MimicIndex: resized, centre-cropped, [-1, 1] pixels with their caption.
 
-    `__getitem__` returns None for an image that cannot be decoded (corrupt or truncated JPEG); use
-    `collate_skipping_bad` as the DataLoader's collate_fn to drop and count those.
+    `__getitem__` returns a SkippedSample (its dicom_id and why) for an image that is missing or cannot be
+    decoded (see `load_grayscale_image`); `collate_skipping_bad` as the DataLoader's collate_fn drops those and
+    passes them on to be counted.
     """
 
     def __init__(self, index: MimicIndex, resolution: int):
@@ -323,12 +373,12 @@ class MimicCxrDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, item: int) -> dict[str, Any] | None:
+    def __getitem__(self, item: int) -> dict[str, Any] | SkippedSample:
         try:
             image = load_grayscale_image(self.image_paths[item])
-        except OSError as error:
-            logger.warning("skipping undecodable image %s: %s", self.image_paths[item], error)
-            return None
+        except UnreadableImageError as error:
+            logger.warning("skipping sample %s: %s", self.dicom_ids[item], error)
+            return SkippedSample(self.dicom_ids[item], error.reason)
         return {
             "pixel_values": to_model_tensor(resize_center_crop(image, self.resolution)),
             "caption": self.captions[item],
@@ -337,14 +387,15 @@ class MimicCxrDataset(Dataset):
         }
 
 
-def collate_skipping_bad(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Collate the decodable samples of a batch and count the dropped ones under "num_skipped".
+def collate_skipping_bad(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
+    """Collate the usable samples of a batch; the dropped ones are listed under "skipped" (SkippedSample each,
+    for a SkipLedger to count once per sample and reason) and counted under "num_skipped".
 
     When every sample was bad the batch has zero samples: `batch["pixel_values"].shape[0] == 0` and
     `batch["caption"] == []`; callers should skip such a batch (e.g. return None from training_step).
     """
-    good = [sample for sample in batch if sample is not None]
-    num_skipped = len(batch) - len(good)
+    good = [sample for sample in batch if isinstance(sample, dict)]
+    skipped = [SkippedSample(*sample) for sample in batch if not isinstance(sample, dict)]
     if good:
         collated = default_collate(good)
     else:
@@ -354,5 +405,6 @@ def collate_skipping_bad(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
             "dicom_id": [],
             "labels": torch.empty(0, len(CHEXPERT_LABELS)),
         }
-    collated["num_skipped"] = num_skipped
+    collated["skipped"] = skipped
+    collated["num_skipped"] = len(skipped)
     return collated

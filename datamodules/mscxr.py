@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
 
 from datamodules.mimic import resolve_within_root
+from datamodules.skips import SKIP_BOX_OUTSIDE_IMAGE, SkipLedger, SkippedSample
 from datamodules.transforms import (
     Box,
     CropGeometry,
@@ -53,6 +54,8 @@ _VALIDATE = {"val", "validate"}
 _SPLIT_ALIASES = {"train": {"train"}, "val": _VALIDATE, "validate": _VALIDATE, "test": {"test"}}
 _NUMERIC_COLUMNS = {"x": False, "y": False, "w": True, "h": True, "image_width": True, "image_height": True}
 _PER_PHRASE_COLUMNS = ("path", "category_name", "image_width", "image_height", "split")
+INVALID_BOX_POLICIES = ("error", "skip")
+InvalidBoxPolicy = Literal["error", "skip"]
 
 
 @dataclass
@@ -73,17 +76,30 @@ def _line(row: int) -> str:
     return f"line {row + 2}"  # the header is line 1
 
 
-def read_ms_cxr(csv_path: str | Path, split: str | None = None) -> list[GroundingItem]:
+def read_ms_cxr(
+    csv_path: str | Path,
+    split: str | None = None,
+    invalid_boxes: InvalidBoxPolicy = "error",
+    skipped: SkipLedger | None = None,
+) -> list[GroundingItem]:
     """Read an MS-CXR CSV into one item per (dicom_id, label_text), in order of first appearance.
 
     Accepts v1.0.0 (no split column; items get split None) and v1.1.0. `split` keeps only that split
     ("val" and "validate" are the same); filtering by split needs v1.1.0. Raises ValueError naming the
     file and line for missing columns, unknown categories, non-numeric or non-positive sizes, absolute
     or escaping paths, and rows of one phrase that disagree on path, category, image size or split.
+    A box not wholly inside its image_width x image_height cannot be right: with ``invalid_boxes="error"``
+    it is a ValueError naming the line; with ``"skip"`` its row is dropped and recorded in ``skipped`` (id
+    "<file> line N: <dicom_id>", reason "box outside its image"); a phrase left without boxes is dropped.
     """
+    if invalid_boxes not in INVALID_BOX_POLICIES:
+        raise ValueError(f"grounding.invalid_boxes must be one of {INVALID_BOX_POLICIES}, got {invalid_boxes!r}")
     csv_path = Path(csv_path)
     text_columns = {"dicom_id": str, "category_name": str, "label_text": str, "path": str}
-    table = pd.read_csv(csv_path, dtype=text_columns, keep_default_na=False, na_values=[""])
+    try:
+        table = pd.read_csv(csv_path, dtype=text_columns, keep_default_na=False, na_values=[""])
+    except (UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise ValueError(f"{csv_path} is not a readable UTF-8 CSV table: {error}") from error
     missing = [column for column in MS_CXR_COLUMNS if column not in table.columns]
     if missing:
         raise ValueError(f"{csv_path} lacks the MS-CXR columns {missing}; it has {list(table.columns)}")
@@ -95,6 +111,21 @@ def read_ms_cxr(csv_path: str | Path, split: str | None = None) -> list[Groundin
     if not has_split:
         table["split"] = None
     _validate_rows(table, csv_path)
+    outside = _boxes_outside_their_image(table)
+    if outside.any():
+        rows = [int(row) for row in outside.to_numpy().nonzero()[0]]
+        if invalid_boxes == "error":
+            first = table.iloc[rows[0]]
+            raise ValueError(
+                f"{csv_path} {_line(rows[0])}: box x={first['x']}, y={first['y']}, w={first['w']}, h={first['h']} "
+                f"is not inside its {first['image_width']} x {first['image_height']} image ({len(rows)} such rows; "
+                "set grounding.invalid_boxes=skip to leave them out)"
+            )
+        if skipped is not None:
+            dicom_ids = table["dicom_id"].to_numpy()
+            ids = (f"{csv_path.name} {_line(row)}: {dicom_ids[row]}" for row in rows)
+            skipped.add(SkippedSample(sample_id, SKIP_BOX_OUTSIDE_IMAGE) for sample_id in ids)
+        table = table[~outside.to_numpy()]
 
     items: list[GroundingItem] = []
     for (dicom_id, phrase), rows in table.groupby(["dicom_id", "label_text"], sort=False):
@@ -121,6 +152,14 @@ def read_ms_cxr(csv_path: str | Path, split: str | None = None) -> list[Groundin
             )
         )
     return items
+
+
+def _boxes_outside_their_image(table: pd.DataFrame) -> pd.Series:
+    """Rows whose box reaches outside [0, image_width] x [0, image_height] (sizes already checked numeric)."""
+    x, y, w, h, width, height = (
+        pd.to_numeric(table[column]) for column in ("x", "y", "w", "h", "image_width", "image_height")
+    )
+    return (x < 0) | (y < 0) | (x + w > width) | (y + h > height)
 
 
 def _validate_rows(table: pd.DataFrame, csv_path: Path) -> None:
@@ -153,7 +192,8 @@ def load_grounding_sample(
 ) -> dict[str, Any] | None:
     """The item's image and boxes at model resolution, and the ground-truth mask at `mask_size`^2.
 
-    The image is `root / item.path`. If the JPG's actual size differs from the CSV's image_width/height
+    The image is `root / item.path`; a missing or undecodable one raises UnreadableImageError (with its reason)
+    for the caller to skip and count. If the JPG's actual size differs from the CSV's image_width/height
     (e.g. a downscaled copy of MIMIC-CXR-JPG), the boxes are first scaled per axis by actual/declared
     size, so they keep naming the same anatomy. Boxes wholly cropped away are dropped and counted in
     "num_boxes_dropped"; when no box is left the item cannot be evaluated and None is returned.
@@ -169,7 +209,7 @@ def load_grounding_sample(
         transform_box(geometry, x * scale_x, y * scale_y, w * scale_x, h * scale_y) for x, y, w, h in item.boxes
     ]
     boxes = [box for box in transformed if box is not None]
-    if not boxes:
+    if not boxes:  # the CSV's boxes are inside the image, so only the transform's crop can have removed them
         return None
     return {
         "pixel_values": to_model_tensor(resize_center_crop(image, resolution)),

@@ -49,7 +49,8 @@ from datamodules.shards import (
     shard_file_name,
     write_shard,
 )
-from datamodules.transforms import load_grayscale_image, resize_center_crop, to_model_tensor
+from datamodules.skips import describe_skips
+from datamodules.transforms import UnreadableImageError, load_grayscale_image, resize_center_crop, to_model_tensor
 from lightning_modules.autoencoder import vae_cache_folder
 from lightning_modules.components import (
     load_tokenizer,
@@ -59,7 +60,6 @@ from lightning_modules.components import (
 )
 
 PLAN_FILE = "prepare.json"
-SKIP_UNDECODABLE = "undecodable image"
 RECORD_FIELDS = ("dicom_id", "subject_id", "study_id", "view", "caption")
 
 
@@ -103,8 +103,8 @@ def write_one_shard(task: ShardTask) -> ShardResult:
     for offset, row in enumerate(task.rows):
         try:
             image = resize_center_crop(load_grayscale_image(row["image_path"]), task.resolution)
-        except OSError:
-            skipped[SKIP_UNDECODABLE] += 1
+        except UnreadableImageError as error:  # missing, corrupt, truncated, or a decompression bomb
+            skipped[error.reason] += 1
             continue
         meta = {name: row[name] for name in RECORD_FIELDS}
         meta["labels"] = {name: None if np.isnan(row[name]) else float(row[name]) for name in CHEXPERT_LABELS}
@@ -252,6 +252,7 @@ def write_split_index(
         "samples": sum(result.nsamples for result in shards.values()),
         "skipped": dict(sorted(skipped.items())),
         "truncated_captions": index.truncated_captions,
+        "caption_max_tokens": plan["caption_max_tokens"],
     }
     shardlist = [
         {"url": shard_file_name(position), "nsamples": result.nsamples}
@@ -286,9 +287,11 @@ def run_tasks(tasks: Iterable[ShardTask], workers: int) -> Iterator[tuple[ShardT
 
 
 def describe(split: str, metadata: dict[str, Any]) -> str:
-    skipped = ", ".join(f"{count:,} {reason}" for reason, count in metadata["skipped"].items()) or "none"
+    """One line per split, worded as the training log and train.py's end-of-run summary word it."""
     latents = "with latents" if metadata["latents"] else "no latents"
-    return f"{split}: {metadata['samples']:,} samples ({latents}); skipped: {skipped}"
+    truncated = f"{metadata['truncated_captions']:,} captions truncated to {metadata['caption_max_tokens']} tokens"
+    skipped = describe_skips(metadata["skipped"])
+    return f"{split}: {metadata['samples']:,} samples ({latents}); skipped: {skipped}; {truncated}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

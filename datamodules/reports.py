@@ -12,6 +12,8 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from datamodules.skips import SKIP_UNDECODABLE_REPORT
+
 CaptionSection = Literal["impression", "findings", "both"]
 PREAMBLE = "PREAMBLE"
 
@@ -20,6 +22,30 @@ _SECTION_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z()/&-]*(?:[ \t]+[A-Z()/&-]+)*)[ 
 # A title line without a colon, e.g. "FINAL REPORT": not report content.
 _TITLE_LINE = re.compile(r"^[ \t]*[A-Z]+(?:[ \t]+[A-Z]+)*[ \t]*$")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+class ReportDecodeError(ValueError):
+    """A report file that cannot be used as text; ``reason`` is a ``datamodules.skips`` reason."""
+
+    def __init__(self, source: object, reason: str, detail: str) -> None:
+        super().__init__(f"{source}: {reason} ({detail})")
+        self.source, self.reason = source, reason
+
+
+def decode_report(data: bytes, source: str) -> str:
+    """A report file's text: strict UTF-8 (a leading byte-order mark is dropped), never a guess.
+
+    MIMIC-CXR reports are UTF-8 (in practice ASCII). Anything else (Latin-1 accents, UTF-16, random bytes) would
+    train as garbled text, so it raises ReportDecodeError and the study is skipped and counted; so is text with
+    NUL characters, which is what BOM-less UTF-16 looks like when it happens to decode as UTF-8.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ReportDecodeError(source, SKIP_UNDECODABLE_REPORT, str(error)) from error
+    if "\x00" in text:
+        raise ReportDecodeError(source, SKIP_UNDECODABLE_REPORT, f"NUL character at offset {text.index(chr(0))}")
+    return text
 
 
 def normalize_whitespace(text: str) -> str:

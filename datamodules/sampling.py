@@ -112,8 +112,8 @@ class DrawnDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, draw: Draw) -> dict[str, Any] | None:
+    def __getitem__(self, draw: Draw) -> Any:
         sample = self.dataset[draw.index]
-        if sample is not None:
+        if isinstance(sample, dict):  # else the dataset's SkippedSample, passed on to be counted
             sample["loss_weight"] = 1.0 if draw.counted else 0.0
         return sample

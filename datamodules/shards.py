@@ -37,7 +37,8 @@ from wids.wids_specs import load_dsdesc_and_resolve, urldir
 
 from configs import ConfigError
 from datamodules.mimic import CHEXPERT_LABELS
-from datamodules.transforms import to_model_tensor
+from datamodules.skips import SKIP_UNREADABLE_RECORD, SkippedSample
+from datamodules.transforms import UnreadableImageError, load_grayscale_image, to_model_tensor
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class ShardDataset(Dataset):
     """Map-style access to one prepared split; returns the folder reader's sample dicts.
 
     ``read_pixels``/``read_latents`` choose what is decoded: training on cached latents never decodes a PNG.
-    A record that cannot be decoded gives None (dropped and counted by ``collate_skipping_bad``).
+    A record that cannot be decoded gives a SkippedSample (dropped and passed on by ``collate_skipping_bad``).
     """
 
     def __init__(
@@ -189,10 +190,12 @@ class ShardDataset(Dataset):
     def __len__(self) -> int:
         return sum(self.shard_sizes)
 
-    def __getitem__(self, item: int) -> dict[str, Any] | None:
+    def __getitem__(self, item: int) -> dict[str, Any] | SkippedSample:
+        sample_id = f"{self.location}#{item}"
         try:
             record = self.reader()[item]
             meta = json.load(record["." + META_FIELD])
+            sample_id = str(meta["dicom_id"])
             sample = {
                 "caption": meta["caption"],
                 "dicom_id": meta["dicom_id"],
@@ -202,12 +205,14 @@ class ShardDataset(Dataset):
                 ),
             }
             if self.read_pixels:
-                with Image.open(record["." + IMAGE_FIELD]) as image:
-                    sample["pixel_values"] = to_model_tensor(image)
+                sample["pixel_values"] = to_model_tensor(load_grayscale_image(record["." + IMAGE_FIELD]))
             if self.read_latents:
                 sample["latent_moments"] = torch.from_numpy(np.load(record["." + MOMENTS_FIELD]))
+        except UnreadableImageError as error:
+            log.warning("skipping sample %s (%d of %s): %s", sample_id, item, self.location, error)
+            return SkippedSample(sample_id, error.reason)
         # A damaged record, or a truncated or missing shard (wids then lacks the index: IndexError).
         except (KeyError, IndexError, ValueError, OSError) as error:
             log.warning("skipping unreadable sample %d of %s: %s", item, self.location, error)
-            return None
+            return SkippedSample(sample_id, SKIP_UNREADABLE_RECORD)
         return sample

@@ -7,15 +7,22 @@ top-left pixel: pixel (column j, row i) covers [j, j+1) x [i, i+1) and has its c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.skips import SKIP_MISSING_IMAGE, SKIP_UNDECODABLE_IMAGE
+
 Box = tuple[float, float, float, float]
+# Real MIMIC-CXR-JPG images are about 3,000 x 3,000 pixels, the largest about 4,300 x 5,000 (21.5M): well inside.
+# A header claiming more is a damaged file or a decompression bomb, refused before it is decoded.
+MAX_DECODED_PIXELS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,37 @@ class CropGeometry:
         )
 
 
-def load_grayscale_image(path: str | Path) -> Image.Image:
-    """Open an X-ray as 8-bit grayscale, fully decoded so a truncated or corrupt file fails here (OSError)."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("L")
+class UnreadableImageError(OSError):
+    """An image that cannot be used, whatever PIL raised: ``reason`` is a ``datamodules.skips`` reason."""
+
+    def __init__(self, source: object, reason: str, detail: str) -> None:
+        super().__init__(f"{source}: {reason} ({detail})")
+        self.source, self.reason = source, reason
+
+
+def load_grayscale_image(source: str | Path | BinaryIO) -> Image.Image:
+    """Open an X-ray (a path or a binary stream) as 8-bit grayscale, fully decoded, or raise UnreadableImageError.
+
+    The one way every reader opens an image, so all of them agree on what is unreadable: a missing file, and any
+    failure to decode (truncated or corrupt data, PIL's ``DecompressionBombError``, which is not an OSError, and
+    the odd SyntaxError or ValueError a damaged header gives). An image of more than MAX_DECODED_PIXELS is
+    refused from its header, before any pixel is decoded.
+    """
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb warning: MAX_DECODED_PIXELS is the stricter bound
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if image.width * image.height > MAX_DECODED_PIXELS:
+                    detail = f"{image.width} x {image.height} pixels exceed the bound of {MAX_DECODED_PIXELS:,}"
+                    raise UnreadableImageError(source, SKIP_UNDECODABLE_IMAGE, detail)
+                image.load()
+                return image.convert("L")
+    except UnreadableImageError:
+        raise
+    except FileNotFoundError as error:
+        raise UnreadableImageError(source, SKIP_MISSING_IMAGE, str(error)) from error
+    except Exception as error:  # noqa: BLE001 - any decoder failure means this one image is unusable
+        raise UnreadableImageError(source, SKIP_UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from error
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:

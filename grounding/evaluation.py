@@ -36,9 +36,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from datamodules.cxr_datamodule import resolve_data_root
-from datamodules.mscxr import GroundingItem, load_grounding_sample, read_ms_cxr
+from datamodules.mscxr import GroundingItem, InvalidBoxPolicy, load_grounding_sample, read_ms_cxr
+from datamodules.skips import SKIP_CROPPED_AWAY, SkipLedger, SkippedSample, describe_skips
 from datamodules.synthetic import MS_CXR_FILE
+from datamodules.transforms import UnreadableImageError
 from grounding.phrase_grounding import HeatmapSettings, phrase_grounding_heatmaps
+from lightning_modules.devices import add_device_argument
 from lightning_modules.loading import load_diffusion_module
 from metrics.grounding_metrics import MS_CXR_CATEGORIES, PhraseGroundingMetrics
 from metrics.localization import normalize_heatmap
@@ -91,18 +94,33 @@ def interleave_categories(items: Sequence[GroundingItem], limit: int | None = No
 
 
 def grounding_items(
-    ms_cxr_csv: str | Path | None, data_root: Path, split: str | None, limit: int | None = None
+    ms_cxr_csv: str | Path | None,
+    data_root: Path,
+    split: str | None,
+    limit: int | None = None,
+    invalid_boxes: InvalidBoxPolicy = "error",
+    skipped: SkipLedger | None = None,
 ) -> list[GroundingItem]:
-    """The image-phrase pairs to evaluate: a split of the MS-CXR CSV, category-interleaved, at most ``limit``."""
-    return interleave_categories(read_ms_cxr(resolve_ms_cxr_csv(ms_cxr_csv, data_root), split), limit)
+    """The image-phrase pairs to evaluate: a split of the MS-CXR CSV, category-interleaved, at most ``limit``.
+
+    ``invalid_boxes`` (``grounding.invalid_boxes``) and ``skipped``: see ``read_ms_cxr``."""
+    csv_path = resolve_ms_cxr_csv(ms_cxr_csv, data_root)
+    return interleave_categories(read_ms_cxr(csv_path, split, invalid_boxes, skipped), limit)
+
+
+def grounding_item_id(item: GroundingItem) -> str:
+    """How a skipped pair is named in logs and summaries."""
+    return f"{item.dicom_id} / {item.phrase!r}"
 
 
 # --------------------------------------------------------------------------------------------- the loop
 @dataclass
 class GroundingBatch:
-    """One batch of the evaluation: the items tried, and for those with a box left, sample, heatmap, scores."""
+    """One batch of the evaluation: the items tried, the skipped ones (id and reason), and for the others
+    sample, heatmap and scores."""
 
     items: list[GroundingItem]
+    skipped: list[SkippedSample] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     heatmaps: torch.Tensor | None = None
     scores: list[dict[str, float]] = field(default_factory=list)
@@ -110,11 +128,12 @@ class GroundingBatch:
 
 @contextmanager
 def evaluation_weights(module: LatentDiffusionModule) -> Iterator[None]:
-    """Eval mode with the EMA weights (when kept) and no autograd; the training state is restored after."""
+    """Eval mode and no autograd around code that uses ``module.evaluation_parts()`` (the EMA copies when kept;
+    the training weights are never swapped); the training mode is restored after."""
     was_training = module.training
     module.eval()
     try:
-        with module.ema_weights(), torch.no_grad():
+        with torch.no_grad():
             yield
     finally:
         module.train(was_training)
@@ -132,16 +151,25 @@ def evaluate_grounding(
 ) -> None:
     """Score every item's phrase-grounding heatmap into ``metric``; ``on_batch`` sees each batch as it is done.
 
-    Items whose boxes are all cropped away by the image transform have no ground truth and are passed to
-    ``on_batch`` without a sample. Nothing is kept between batches.
+    An item whose image is missing or undecodable, or whose boxes are all cropped away by the image transform,
+    is skipped: it is in ``batch.skipped`` with its reason, not in ``batch.samples``. Nothing is kept between
+    batches.
     """
     if batch_size < 1:
         raise ValueError(f"grounding.batch_size must be at least 1, got {batch_size}")
     with evaluation_weights(module):
         for start in range(0, len(items), batch_size):
             batch = GroundingBatch(list(items[start : start + batch_size]))
-            loaded = (load_grounding_sample(item, data_root, resolution) for item in batch.items)
-            batch.samples = [sample for sample in loaded if sample is not None]
+            for item in batch.items:
+                try:
+                    sample = load_grounding_sample(item, data_root, resolution)
+                except UnreadableImageError as error:
+                    batch.skipped.append(SkippedSample(grounding_item_id(item), error.reason))
+                    continue
+                if sample is None:
+                    batch.skipped.append(SkippedSample(grounding_item_id(item), SKIP_CROPPED_AWAY))
+                else:
+                    batch.samples.append(sample)
             if batch.samples:
                 categories = [sample["category"] for sample in batch.samples]
                 batch.heatmaps = phrase_grounding_heatmaps(
@@ -251,6 +279,7 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many image-phrase pairs")
     parser.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
     parser.add_argument("--heatmaps", action="store_true", help="also write one heatmap PNG per pair")
+    add_device_argument(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. grounding.num_inference_steps=20")
     parser.set_defaults(run=run_grounding_evaluation)
 
@@ -279,12 +308,14 @@ def _row_keys(rows: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``grounding`` subcommand; returns the summary it writes."""
+    """The ``grounding`` subcommand on ``args.device`` (model, images, heatmaps); returns the summary it writes."""
     module, cfg = load_diffusion_module(args.model, args.overrides)
+    module.to(args.device)
     data_root = Path(args.data_root) if args.data_root else resolve_data_root(cfg.data)
     ms_cxr_csv = resolve_ms_cxr_csv(args.ms_cxr or cfg.data.ms_cxr_csv, data_root)
     split = cfg.grounding.split if args.split is None else None if args.split == "all" else args.split
-    items = grounding_items(ms_cxr_csv, data_root, split, args.limit)
+    skipped = SkipLedger()  # rows the CSV reader left out, then pairs the loop could not score
+    items = grounding_items(ms_cxr_csv, data_root, split, args.limit, cfg.grounding.invalid_boxes, skipped)
     settings = heatmap_settings(cfg.grounding)
     thresholds = tuple(float(t) for t in cfg.grounding.thresholds)
     out_dir = Path(args.out)
@@ -306,12 +337,10 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     done = set(_row_keys(_read_rows(per_sample_csv)))
     remaining = [item for item in items if (item.dicom_id, item.phrase) not in done]
     heatmap_dir = out_dir / "heatmaps"
-    skipped: list[GroundingItem] = []
     progress = tqdm(total=len(remaining), desc="grounding", unit="pair", disable=None)
 
     def write_batch(batch: GroundingBatch) -> None:
-        kept = {(sample["dicom_id"], sample["phrase"]) for sample in batch.samples}
-        skipped.extend(item for item in batch.items if (item.dicom_id, item.phrase) not in kept)
+        skipped.add(batch.skipped)
         rows = pd.DataFrame(sample_rows(batch), columns=[*ITEM_COLUMNS, *metric.metric_names])
         rows.to_csv(per_sample_csv, mode="a", header=False, index=False)
         if args.heatmaps:
@@ -323,7 +352,10 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         progress.update(len(batch.items))
 
     done_before = len(items) - len(remaining)
-    print(f"[grounding] {len(items)} pairs of {ms_cxr_csv} (split {split or 'all'}), {done_before} done before")
+    print(
+        f"[grounding] {len(items)} pairs of {ms_cxr_csv} (split {split or 'all'}), {done_before} done before, "
+        f"on {args.device}"
+    )
     resolution, batch_size = int(cfg.data.resolution), int(cfg.grounding.batch_size)
     evaluate_grounding(module, remaining, data_root, resolution, settings, metric, batch_size, write_batch)
     progress.close()
@@ -334,13 +366,18 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         **summarize(all_rows, metric.metric_names),
         "skipped_pairs": len(skipped),
+        "skipped": skipped.counts(),
+        "skipped_ids": skipped.state_dict(),
+        "device": str(args.device),
         "settings": json.loads((out_dir / SETTINGS_FILE).read_text()),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown_table(summary, metric.metric_names)
     (out_dir / "summary.md").write_text(table)
     print(table)
-    if skipped:
-        print(f"[grounding] {len(skipped)} pairs skipped: every box was cropped away by the image transform")
+    if len(skipped):
+        print(f"[grounding] skipped: {describe_skips(skipped.counts())}")
+        for sample_id, reason in skipped:
+            print(f"  {sample_id}: {reason}")
     print(f"[grounding] results in {out_dir}")
     return summary

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -32,7 +33,9 @@ from torchmetrics.functional.classification import binary_auroc
 from datamodules.cxr_datamodule import dataset_fingerprint
 from datamodules.mimic import CHEXPERT_LABELS, MimicCxrDataset, MimicIndex, build_mimic_index, collate_skipping_bad
 from datamodules.mscxr import MS_CXR_CATEGORIES
+from datamodules.skips import SkipLedger, describe_skips
 
+log = logging.getLogger(__name__)
 FINDINGS = MS_CXR_CATEGORIES
 WEIGHTS_FILE = "classifier.safetensors"
 INFO_FILE = "classifier.json"
@@ -102,11 +105,15 @@ def load_labelled_images(
         MimicCxrDataset(index, resolution), batch_size=64, num_workers=num_workers, collate_fn=collate_skipping_bad
     )
     images, targets = [], []
+    skipped = SkipLedger()  # undecodable images are left out (datamodules.transforms.load_grayscale_image)
     for batch in loader:
+        skipped.add(batch["skipped"])
         if len(batch["caption"]):
             gray = batch["pixel_values"].mean(dim=1, keepdim=True)
             images.append(((gray + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
             targets.append(finding_targets(batch["labels"]))
+    if len(skipped):
+        log.warning("domain classifier images: skipped %s", describe_skips(skipped.counts()))
     return torch.cat(images), torch.cat(targets)
 
 

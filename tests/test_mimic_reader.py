@@ -28,6 +28,7 @@ from datamodules.mimic import (
     report_path,
     resolve_within_root,
 )
+from datamodules.skips import SKIP_UNDECODABLE_IMAGE, SkippedSample
 
 IMPRESSION_REPORT = "  FINAL REPORT\n FINDINGS:  Lungs clear.\n\n IMPRESSION:\n  No acute\n  process.\n"
 FINDINGS_REPORT = "  FINAL REPORT\n FINDINGS:\n  Mild   cardiomegaly.\n"
@@ -252,22 +253,25 @@ def test_undecodable_jpegs_are_dropped_and_counted(mimic_root):
     train = MimicCxrDataset(build_mimic_index(mimic_root), resolution=16)
     test = MimicCxrDataset(build_mimic_index(mimic_root, split="test"), resolution=16)
     corrupt, truncated = train[3], test[0]
-    assert train.dicom_ids[3] == "d9" and corrupt is None and truncated is None
+    assert corrupt == SkippedSample("d9", SKIP_UNDECODABLE_IMAGE)
+    assert truncated == SkippedSample("d10", SKIP_UNDECODABLE_IMAGE)
     batch = collate_skipping_bad([train[0], corrupt, train[1], truncated])
     assert batch["num_skipped"] == 2 and batch["dicom_id"] == ["d1", "d3"]
+    assert batch["skipped"] == [corrupt, truncated]
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["labels"].shape == (2, 14)
     assert torch.isnan(batch["labels"][1, 0])
     all_bad = collate_skipping_bad([corrupt, truncated])
     assert all_bad["num_skipped"] == 2 and all_bad["pixel_values"].shape[0] == 0 and all_bad["caption"] == []
 
 
-def test_table_paths_escaping_the_root_are_refused(tmp_path):
+def test_table_paths_escaping_the_root_are_refused_but_links_inside_it_are_followed(tmp_path):
     root = tmp_path / "root"
     (root / "files").mkdir(parents=True)
-    assert resolve_within_root(root, "files/x.jpg", "t.csv line 2") == (root / "files/x.jpg").resolve()
-    for bad in ("../outside.jpg", "files/../../outside.jpg", "/etc/passwd", "C:\\x.jpg"):
+    assert resolve_within_root(root, "files/x.jpg", "t.csv line 2") == root / "files/x.jpg"
+    for bad in ("../outside.jpg", "files/../../outside.jpg", "files/a/../b.jpg", "/etc/passwd", "C:\\x.jpg", "..\\x"):
         with pytest.raises(ValueError, match="t.csv line 2"):
             resolve_within_root(root, bad, "t.csv line 2")
-    os.symlink(tmp_path, root / "files" / "link")
-    with pytest.raises(ValueError, match="escapes"):
-        resolve_within_root(root, "files/link/outside.jpg", "t.csv line 2")
+    (tmp_path / "other-disk").mkdir()
+    (tmp_path / "other-disk" / "x.jpg").write_bytes(b"pixels")
+    os.symlink(tmp_path / "other-disk", root / "files" / "link")  # the user's own link: followed
+    assert resolve_within_root(root, "files/link/x.jpg", "t.csv line 2").read_bytes() == b"pixels"
