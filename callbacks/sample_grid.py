@@ -14,6 +14,8 @@ from callbacks.periodic import PeriodicCallback
 class SampleGridCallback(PeriodicCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, on rank 0, with a fixed seed."""
 
+    collective = False  # rank 0 alone, no sync: a failure is always caught (callbacks.evaluation_failures)
+
     def __init__(
         self,
         prompts: Sequence[str],

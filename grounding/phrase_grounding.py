@@ -10,8 +10,8 @@ Two modes (method.md, "Attention capture for grounding"):
   (``module.sample``, unchanged), conditional half kept, at the last K of the N sampling steps.
 
 Both return one heatmap per item, the mean over recorded steps, layers and the phrase's selected tokens
-(``grounding.token_selection``), at one common resolution. They use the module's current weights; the
-dataset-level evaluation (``grounding.evaluation``) swaps the EMA weights in.
+(``grounding.token_selection``), at one common resolution. They use the module's evaluation weights
+(``module.evaluation_parts()``: the EMA copies when kept), never the training weights' slot.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class HeatmapSettings:
 def phrase_token_indices(
     module: LatentDiffusionModule, phrases: Sequence[str], categories: Sequence[str | None]
 ) -> list[list[int]]:
-    """Per phrase, the text tokens whose attention makes its heatmap (encoded as ``module.encode_text`` does)."""
+    """Per phrase, the text tokens whose attention makes its heatmap (tokenized as the module's encoder is)."""
     tokenizer = module.tokenizer
     return [
         select_phrase_tokens(phrase, category, tokenizer, tokenizer.model_max_length)
@@ -103,10 +103,12 @@ def phrase_grounding_heatmaps(
             f"phrase_grounding_heatmaps got {len(pixel_values)} images, {len(phrases)} phrases and "
             f"{len(categories)} categories; expected one of each per item"
         )
-    unet, vae = module.unet, module.vae
+    parts = module.evaluation_parts()
+    unet, vae = parts.unet, parts.vae
     pixel_values = pixel_values.to(device=module.device, dtype=vae.dtype)
-    latents = vae.encode(pixel_values).latent_dist.mean * vae.config.scaling_factor
-    text_features = module.encode_text(phrases).to(unet.dtype)
+    # Forward noising in float32 whatever the VAE's dtype: in bf16 the noise vanishes at t <= 1 (the last steps read).
+    latents = vae.encode(pixel_values).latent_dist.mean.float() * vae.config.scaling_factor
+    text_features = module.evaluation_text_features(phrases).to(unet.dtype)
     scheduler = sampling_scheduler(module.noise_scheduler)
     scheduler.set_timesteps(settings.num_inference_steps)
     steps = settings.recorded_steps
@@ -150,15 +152,16 @@ def generation_heatmaps(
     if len(prompts) != len(categories):
         raise ValueError(f"generation_heatmaps got {len(prompts)} prompts and {len(categories)} categories")
     guided = guidance_scale > 1.0  # diffusers pipelines batch [unconditional; conditional] only then
+    unet = module.evaluation_parts().unet  # the one module.sample runs
     with (
         capture_cross_attention(
-            module.unet,
+            unet,
             settings.resolution,
             settings.layer_resolutions,
             steps=settings.recorded_steps,
             drop_unconditional=guided,
         ) as attention,
-        _step_counter(module.unet, attention),
+        _step_counter(unet, attention),
     ):
         images = module.sample(prompts, settings.num_inference_steps, guidance_scale, seed=settings.seed)
     return attention.heatmap(phrase_token_indices(module, prompts, categories)), images

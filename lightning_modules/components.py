@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 SD_LATENT_SCALE = 0.18215
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -149,17 +151,40 @@ def build_unet(
     )
 
 
-def build_noise_scheduler(cfg: DictConfig, folder: Path | None, prediction_type: str) -> DDPMScheduler:
-    if folder is not None:
-        return DDPMScheduler.from_pretrained(folder, local_files_only=True, prediction_type=prediction_type)
-    return DDPMScheduler(
-        num_train_timesteps=int(cfg.num_train_timesteps),
-        beta_start=float(cfg.beta_start),
-        beta_end=float(cfg.beta_end),
-        beta_schedule=str(cfg.beta_schedule),
-        prediction_type=prediction_type,
-        clip_sample=False,
-    )
+def build_noise_scheduler(cfg: DictConfig, folder: Path | None, prediction_type: str | None) -> DDPMScheduler:
+    """The training noise schedule: a pretrained folder's, or built from ``model.scheduler``.
+
+    ``prediction_type`` null follows the pretrained scheduler (a v-prediction model such as SD 2 768-v must never
+    silently train on epsilon) and is epsilon for a schedule built from config. An explicit type that differs from
+    the pretrained one is honoured with a warning: switching the objective is a legitimate recipe (SD 2 768-v was
+    fine-tuned from the epsilon 512-base with v-prediction), and the explicit key is the user's decision.
+    """
+    if folder is None:
+        scheduler = DDPMScheduler(
+            num_train_timesteps=int(cfg.num_train_timesteps),
+            beta_start=float(cfg.beta_start),
+            beta_end=float(cfg.beta_end),
+            beta_schedule=str(cfg.beta_schedule),
+            prediction_type=prediction_type or "epsilon",
+            clip_sample=False,
+        )
+    else:
+        scheduler = DDPMScheduler.from_pretrained(folder, local_files_only=True)
+        pretrained = scheduler.config.prediction_type
+        if prediction_type is not None and prediction_type != pretrained:
+            rank_zero_warn(
+                f"model.prediction_type={prediction_type} overrides the pretrained scheduler's '{pretrained}' "
+                f"({folder / 'scheduler_config.json'}): the model is trained (and exported) to predict "
+                f"{prediction_type}; set model.prediction_type=null to keep '{pretrained}'"
+            )
+            scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"noise scheduler predicts '{scheduler.config.prediction_type}'"
+            f"{f' ({folder})' if folder is not None else ''}; training supports {list(PREDICTION_TYPES)}: "
+            "set model.prediction_type"
+        )
+    return scheduler
 
 
 def sampling_scheduler(noise_scheduler: DDPMScheduler) -> DDIMScheduler:

@@ -7,9 +7,8 @@ gradients, are absent from the optimizer and are not written into checkpoints (t
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -18,19 +17,46 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_constant_schedule_with_warmup
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import compute_snr
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from datamodules.sampling import counted_mean
-from lightning_modules.components import DiffusionParts, build_diffusion_parts, sampling_scheduler
+from datamodules.skips import SkipLedger, skip_metric_name
+from lightning_modules.components import (
+    DiffusionParts,
+    build_diffusion_parts,
+    sampling_scheduler,
+    vae_downsampling_factor,
+)
+from lightning_modules.ema import EmaParts
+from lightning_modules.objective_reach import unreached_parameters
+from lightning_modules.rng import (
+    capture_rng_state,
+    gather_from_every_rank,
+    restore_rng_state,
+    seed_process,
+    seed_training_generator,
+)
 
 PART_NAMES = ("unet", "text_encoder", "vae")
 
 
 def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator | None = None) -> list[str]:
     """Classifier-free-guidance dropout: each caption independently becomes the empty prompt."""
-    keep = torch.rand(len(captions), generator=generator) >= probability
+    keep = torch.rand(len(captions), generator=generator, device=None if generator is None else generator.device)
+    keep = keep >= probability
     return [caption if kept else "" for caption, kept in zip(captions, keep.tolist(), strict=True)]
+
+
+def text_feature_batch_size(cfg: DictConfig) -> int:
+    """``train.text_feature_batch_size``; null: 1 on CPU, where padding rows cost their FLOPs, and a data batch
+    on an accelerator, where one call replaces one per miss (bench/text_cache.py)."""
+    if cfg.train.text_feature_batch_size is not None:
+        return int(cfg.train.text_feature_batch_size)
+    accelerator = str(cfg.trainer.accelerator)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return 1 if on_cpu else int(cfg.data.batch_size)
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -48,6 +74,8 @@ class LatentDiffusionModule(L.LightningModule):
         ema_decay: float = 0.9999,
         gradient_checkpointing: bool = False,
         text_feature_cache_size: int = 0,
+        text_feature_batch_size: int = 1,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         unknown = set(trainable) - set(PART_NAMES)
@@ -65,16 +93,23 @@ class LatentDiffusionModule(L.LightningModule):
         self.ucg_probability, self.snr_gamma = ucg_probability, snr_gamma
         for name in PART_NAMES:
             getattr(self, name).requires_grad_(name in self.trainable)
+        self.unused_parameters = self._freeze_what_the_objective_never_reaches()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if "text_encoder" in self.trainable:
                 self.text_encoder.gradient_checkpointing_enable()
-        self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay) if use_ema else None
+        # Trained parameters (requires_grad) are set by now: the EMA copies own exactly those.
+        self.ema = EmaParts({name: getattr(self, name) for name in self.trainable}, ema_decay) if use_ema else None
         # Frozen parts are rebuilt from their sources, so checkpoints hold only what trains.
         self.strict_loading = False
-        self.skipped_samples = 0
+        self.skipped_samples = SkipLedger()  # this process's unusable training samples, once per (id, reason)
+        # Timesteps, noise, caption dropout and posterior samples: this process's own stream (see rng.py), seeded
+        # for rank 0 on the CPU here, and for the real rank on the training device in setup().
+        self.seed = seed
+        self.training_generator = seed_training_generator(torch.Generator(), seed, rank=0)
         self._rng_states_to_restore: dict | None = None
         self.text_feature_cache_size = text_feature_cache_size
+        self.text_feature_batch_size = text_feature_batch_size
         self.text_feature_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @classmethod
@@ -94,11 +129,39 @@ class LatentDiffusionModule(L.LightningModule):
             ema_decay=train_cfg.ema_decay,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             text_feature_cache_size=train_cfg.text_feature_cache_size,
+            text_feature_batch_size=text_feature_batch_size(cfg),
+            seed=cfg.seed,
         )
 
     # ----------------------------------------------------------------------------------------- parts & modes
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for name in self.trainable for p in getattr(self, name).parameters()]
+        """The trained parameters: those of the trainable parts that require grad (the objective reaches them)."""
+        return [p for name in self.trainable for p in getattr(self, name).parameters() if p.requires_grad]
+
+    def _freeze_what_the_objective_never_reaches(self) -> list[str]:
+        """Parameters of trainable parts that get no gradient from the objective (BERT's pooler, the VAE's decoder)
+        stop requiring grad: not optimized, not averaged, and DDP never waits for them (``objective_reach``).
+
+        Probed on a short caption and a latent-pixel-sized image; the UNet is not probed, its whole output is the
+        prediction. Returns the frozen parameters' names ("text_encoder.pooler.dense.weight", ...).
+        """
+        size = vae_downsampling_factor(self.vae)
+        image = torch.zeros(1, self.vae.config.in_channels, size, size, dtype=self.vae.dtype, device=self.vae.device)
+        objective_paths = {  # what encode_text (never cached when trained) and encode_images run
+            "text_encoder": lambda: self._run_text_encoder(["a"]),
+            "vae": lambda: self.encode_images(image),
+        }
+        frozen = []
+        for name in (name for name in self.trainable if name in objective_paths):
+            part = getattr(self, name)
+            for parameter_name in unreached_parameters(part, objective_paths[name]):
+                part.get_parameter(parameter_name).requires_grad_(False)
+                frozen.append(f"{name}.{parameter_name}")
+        if frozen:
+            modules = Counter(".".join(name.split(".")[:2]) for name in frozen)
+            listed = ", ".join(f"{module} ({count} tensors)" for module, count in modules.items())
+            rank_zero_info(f"[model] not trained, the objective never uses them: {listed}")
+        return frozen
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         """Lightning switches the whole module to train mode; frozen parts must stay in eval (dropout, norms)."""
@@ -109,7 +172,8 @@ class LatentDiffusionModule(L.LightningModule):
         return self
 
     # ----------------------------------------------------------------------------------------- encoders
-    def _run_text_encoder(self, captions: Sequence[str]) -> torch.Tensor:
+    def _run_text_encoder(self, captions: Sequence[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        text_encoder = self.text_encoder if text_encoder is None else text_encoder
         tokens = self.tokenizer(
             list(captions),
             padding="max_length",
@@ -117,46 +181,74 @@ class LatentDiffusionModule(L.LightningModule):
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
         ).to(self.device)
-        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        use_mask = getattr(text_encoder.config, "use_attention_mask", False)
         with torch.set_grad_enabled(self.training and "text_encoder" in self.trainable):
-            output = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask if use_mask else None)
+            output = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask if use_mask else None)
         return output[0]
+
+    def evaluation_text_features(self, captions: Sequence[str]) -> torch.Tensor:
+        """Text features from the evaluation weights (``evaluation_parts``), never read from or written to the
+        training cache: an evaluation leaves what training computes unchanged."""
+        return self._run_text_encoder(captions, self.evaluation_parts().text_encoder)
 
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
         """Text features; a frozen encoder's are cached per caption (most of a small model's step otherwise).
 
-        Misses are encoded one caption at a time so a cached feature never depends on which batch filled it:
-        a resumed run, whose cache starts empty, computes bit-identical features.
+        A batch's misses are encoded together (``_encode_misses``), least recently used captions are evicted.
         """
         if self.text_feature_cache_size == 0 or "text_encoder" in self.trainable:
             return self._run_text_encoder(captions)
-        cache, features = self.text_feature_cache, []
+        cache = self.text_feature_cache
+        misses = list(dict.fromkeys(caption for caption in captions if caption not in cache))
+        cache.update(zip(misses, self._encode_misses(misses), strict=True))
+        features = []
         for caption in captions:
-            if caption in cache:
-                cache.move_to_end(caption)
-            else:
-                cache[caption] = self._run_text_encoder([caption])[0].detach()
-                if len(cache) > self.text_feature_cache_size:
-                    cache.popitem(last=False)
+            cache.move_to_end(caption)
             features.append(cache[caption])
+        while len(cache) > self.text_feature_cache_size:
+            cache.popitem(last=False)
         return torch.stack(features)
 
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents: a fresh sample of the VAE posterior, as latent diffusion trains."""
-        with torch.set_grad_enabled(self.training and "vae" in self.trainable):
-            posterior = self.vae.encode(pixel_values).latent_dist
-            return posterior.sample(generator=generator) * self.vae.config.scaling_factor
+    def _encode_misses(self, captions: list[str]) -> list[torch.Tensor]:
+        """Features of uncached captions, in encoder calls of exactly ``text_feature_batch_size`` captions.
 
-    def batch_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        A cached feature must not depend on which batch filled it: a resumed run, whose cache starts empty, has to
+        compute bit-identical features. Every call has the same shape (the last chunk padded with empty captions),
+        so each caption goes through the same kernels whatever its companions; rows never interact.
+        """
+        size, features = self.text_feature_batch_size, []
+        for start in range(0, len(captions), size):
+            chunk = captions[start : start + size]
+            encoded = self._run_text_encoder([*chunk, *[""] * (size - len(chunk))]).detach()
+            features += [row.clone() for row in encoded[: len(chunk)]]  # not views that keep the padding alive
+        return features
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, evaluation: bool = False
+    ) -> torch.Tensor:
+        """Scaled latents: a fresh float32 sample of the VAE posterior, as latent diffusion trains
+        (``evaluation``: with the evaluation VAE)."""
+        vae = self.evaluation_parts().vae if evaluation else self.vae
+        with torch.set_grad_enabled(self.training and "vae" in self.trainable):
+            moments = vae.encode(pixel_values).latent_dist.parameters
+            return self._sample_posterior(moments, generator)
+
+    def _sample_posterior(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """In float32 whatever the VAE's dtype or autocast: the sample is the clean input of forward noising."""
+        posterior = DiagonalGaussianDistribution(moments.float())
+        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
+
+    def batch_latents(
+        self, batch: dict, generator: torch.Generator | None = None, evaluation: bool = False
+    ) -> torch.Tensor:
         """Scaled latents of a batch: sampled from its cached posterior (``latent_moments``) or encoded from pixels.
 
         The cached moments are the frozen VAE's own output, so both paths sample the same distribution with the
         same draws; train.py refuses cached latents from another VAE or a trainable one.
         """
         if "latent_moments" not in batch:
-            return self.encode_images(batch["pixel_values"], generator)
-        posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.device, self.vae.dtype))
-        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
+            return self.encode_images(batch["pixel_values"], generator, evaluation)
+        return self._sample_posterior(batch["latent_moments"].to(self.device), generator)
 
     # ----------------------------------------------------------------------------------------- objective
     def diffusion_loss(
@@ -165,53 +257,92 @@ class LatentDiffusionModule(L.LightningModule):
         captions: Sequence[str],
         generator: torch.Generator | None = None,
         sample_weights: torch.Tensor | None = None,
+        evaluation: bool = False,
     ) -> torch.Tensor:
         """Noise-prediction (or v) MSE at a random timestep, optionally Min-SNR-γ weighted.
 
-        ``sample_weights`` (the loader's ``loss_weight``) give zero weight to the repeats that even out the
-        processes' shares of an epoch: the loss is the weighted mean over counted samples.
+        Draws come from ``generator`` on its own device (a CPU generator gives the same draws on any device);
+        ``evaluation``: with the evaluation weights (``evaluation_parts``) instead of the training ones.
+
+        Noise, forward noising, target and loss are float32 under any precision (``noisy_latents_and_target``);
+        only the UNet runs in the training precision. ``sample_weights`` (the loader's ``loss_weight``) give zero
+        weight to the repeats that even out the processes' shares of an epoch: the loss is the weighted mean over
+        counted samples.
         """
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        draw_on = latents.device if generator is None else generator.device
+        noise = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=torch.float32)
         timesteps = torch.randint(
             0,
             self.noise_scheduler.config.num_train_timesteps,
             (latents.shape[0],),
             generator=generator,
-            device=latents.device,
+            device=draw_on,
         )
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        text_features = self.encode_text(captions)
-        prediction = self.unet(noisy_latents, timesteps, text_features).sample
-        if self.noise_scheduler.config.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.snr_gamma is not None:
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            weight = torch.clamp(snr, max=self.snr_gamma) / snr
-            if self.noise_scheduler.config.prediction_type == "v_prediction":
-                weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
-            per_sample = per_sample * weight
-        return counted_mean(per_sample, sample_weights)
+        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        noisy_latents, target = self.noisy_latents_and_target(latents, noise, timesteps)
+        text_features = self.evaluation_text_features(captions) if evaluation else self.encode_text(captions)
+        unet = self.evaluation_parts().unet if evaluation else self.unet
+        # A bf16-true UNet needs bf16 input; under bf16-mixed autocast casts inside each layer as usual.
+        prediction = unet(noisy_latents.to(unet.dtype), timesteps, text_features).sample
+        with torch.autocast(latents.device.type, enabled=False):
+            per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            if self.snr_gamma is not None:
+                snr = compute_snr(self.noise_scheduler, timesteps)
+                weight = torch.clamp(snr, max=self.snr_gamma) / snr
+                if self.noise_scheduler.config.prediction_type == "v_prediction":
+                    weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
+                per_sample = per_sample * weight
+            return counted_mean(per_sample, sample_weights)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        self.skipped_samples += int(batch.get("num_skipped", 0))
-        self.log("data/skipped_samples", float(self.skipped_samples), on_step=True, reduce_fx="sum")
+    def noisy_latents_and_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward noising and the regression target (noise or velocity), in float32.
+
+        In bf16, sqrt(1 - alpha_bar_t) rounds to 0 at t <= 1 (the UNet would see the clean latent while the target
+        is the noise) and is 10-25 % off up to t = 10; the scheduler computes in its inputs' dtype.
+        """
+        latents, noise = latents.float(), noise.float()
+        with torch.autocast(latents.device.type, enabled=False):
+            noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            if self.noise_scheduler.config.prediction_type == "epsilon":
+                return noisy_latents, noise
+            return noisy_latents, self.noise_scheduler.get_velocity(latents, noise, timesteps)
+
+    def zero_loss(self) -> torch.Tensor:
+        """The loss of a batch whose every sample was unreadable: 0, reaching every trained parameter.
+
+        Every process must take every step: DDP's gradient all-reduce waits for all of them, so a process that
+        skipped its step (returned None) would leave the others waiting forever. Zero gradients make this process's
+        share count nothing, as a batch of evening-out repeats does; the optimizer, LR schedule and EMA then step
+        on every process alike, and a single process does the same, so step counts (schedules, checkpoints,
+        resume) never depend on the process count. The skipped samples are counted in ``data/skipped_samples``.
+        """
+        return torch.stack([parameter.sum().float() for parameter in self.trainable_parameters()]).sum() * 0.0
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.skipped_samples.add(batch.get("skipped", ()))
+        self.log("data/skipped_samples", float(len(self.skipped_samples)), on_step=True, reduce_fx="sum")
+        for reason, count in self.skipped_samples.counts().items():
+            self.log(skip_metric_name(reason), float(count), on_step=True, reduce_fx="sum")
         if len(batch["caption"]) == 0:
-            return None  # every sample of this batch was unreadable; Lightning skips the step
-        captions = drop_captions(batch["caption"], self.ucg_probability)
-        loss = self.diffusion_loss(self.batch_latents(batch), captions, sample_weights=batch.get("loss_weight"))
+            return self.zero_loss()
+        generator = self.training_generator
+        captions = drop_captions(batch["caption"], self.ucg_probability, generator)
+        latents = self.batch_latents(batch, generator)
+        loss = self.diffusion_loss(latents, captions, generator, sample_weights=batch.get("loss_weight"))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(captions))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Held-out loss with noise and timesteps fixed per batch, so curves are comparable across evaluations."""
+        """Held-out loss of the evaluation weights (EMA when kept), with noise and timesteps fixed per batch, so
+        curves are comparable across evaluations."""
         if len(batch["caption"]) == 0:
             return
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         weights = batch.get("loss_weight")
-        loss = self.diffusion_loss(self.batch_latents(batch, generator), batch["caption"], generator, weights)
+        latents = self.batch_latents(batch, generator, evaluation=True)
+        loss = self.diffusion_loss(latents, batch["caption"], generator, weights, evaluation=True)
         counted = len(batch["caption"]) if weights is None else int(weights.sum())
         # Weighted by counted samples (none for a batch of evening-out repeats): the exact mean over processes.
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=counted)
@@ -220,7 +351,7 @@ class LatentDiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         groups = [
             {
-                "params": list(getattr(self, name).parameters()),
+                "params": [p for p in getattr(self, name).parameters() if p.requires_grad],
                 "lr": float(self.learning_rates[name]),
                 "name": name,
             }
@@ -230,50 +361,55 @@ class LatentDiffusionModule(L.LightningModule):
         scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=self.lr_warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ----------------------------------------------------------------------------------------- EMA
-    def on_fit_start(self) -> None:
-        if self.ema is not None:
-            self.ema.to(self.device)
+    # ----------------------------------------------------------------------------------------- randomness & EMA
+    def setup(self, stage: str) -> None:
+        """This process's own random streams, seeded by (seed, global rank) once the trainer has placed it."""
+        if stage == "fit":
+            self.training_generator = torch.Generator(device=self.trainer.strategy.root_device)
+            seed_process(self.training_generator, self.seed, self.global_rank)
 
     def on_train_start(self) -> None:
-        """Lightning keeps each module's mode; parts loaded with from_pretrained arrive in eval mode."""
+        """Train mode (Lightning keeps each module's mode; from_pretrained parts arrive in eval), and a resumed
+        process's own random state back."""
         self.train()
         if self._rng_states_to_restore is not None:  # after the sanity check, right before the first resumed step
-            torch.set_rng_state(self._rng_states_to_restore["torch"])
-            if "cuda" in self._rng_states_to_restore:
-                torch.cuda.set_rng_state_all(self._rng_states_to_restore["cuda"])
+            restore_rng_state(
+                self._rng_states_to_restore,
+                self.training_generator,
+                self.device,
+                self.seed,
+                self.global_rank,
+                self.trainer.world_size,
+                self.global_step,
+            )
             self._rng_states_to_restore = None
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """EMA follows every optimizer step here, before callbacks (checkpointing) see the step's end."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.step(self.trainable_parameters())
+            self.ema.step({name: getattr(self, name) for name in self.trainable})
 
-    def _swap_in_ema(self) -> None:
+    def evaluation_parts(self) -> DiffusionParts:
+        """The weights every evaluation uses (validation, sampling, grounding, FID, export): the EMA copy of each
+        trained part when EMA is kept, else the part itself. The training weights are never swapped."""
+        copies = {} if self.ema is None else dict(self.ema.copies.items())
+        return DiffusionParts(
+            unet=copies.get("unet", self.unet),
+            vae=copies.get("vae", self.vae),
+            text_encoder=copies.get("text_encoder", self.text_encoder),
+            tokenizer=self.tokenizer,
+            noise_scheduler=self.noise_scheduler,
+        )
+
+    def evaluation_only(self) -> LatentDiffusionModule:
+        """For a module that never trains again (loaded for evaluation): its evaluation weights become its parts
+        and the EMA copies go, so it holds one set of weights. Returns it in eval mode."""
         if self.ema is not None:
-            parameters = self.trainable_parameters()
-            self.ema.store(parameters)
-            self.ema.copy_to(parameters)
-
-    def _restore_training_weights(self) -> None:
-        if self.ema is not None:
-            self.ema.restore(self.trainable_parameters())
-
-    @contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """Swap the EMA weights in (for sampling, export) and restore the training weights after."""
-        self._swap_in_ema()
-        try:
-            yield
-        finally:
-            self._restore_training_weights()
-
-    def on_validation_epoch_start(self) -> None:
-        self._swap_in_ema()
-
-    def on_validation_epoch_end(self) -> None:
-        self._restore_training_weights()
+            for name, part in self.ema.copies.items():
+                setattr(self, name, part)
+            self.ema = None
+        return self.eval()
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def state_dict(self, *args, **kwargs):
@@ -285,13 +421,12 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trainable_parts"] = list(self.trainable)
-        checkpoint["skipped_samples"] = self.skipped_samples
-        # Timesteps, noise and caption dropout come from the global RNG: a resumed run must draw the same.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["skipped_samples"] = self.skipped_samples.state_dict()
+        # Every process runs this hook (rank 0 writes the file): each one's random state, so each one resumes its own.
+        state = capture_rng_state(self.training_generator, self.device)
+        checkpoint["rng_states"] = {"per_rank": gather_from_every_rank(state)}
         if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+            checkpoint["ema"] = self.ema.checkpoint_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = tuple(checkpoint.get("trainable_parts", ()))
@@ -300,20 +435,21 @@ class LatentDiffusionModule(L.LightningModule):
                 f"checkpoint trained parts {list(saved)} but this run trains {list(self.trainable)}; "
                 "set model.trainable to match the checkpoint"
             )
-        self.skipped_samples = int(checkpoint.get("skipped_samples", 0))
+        self.skipped_samples.load_state_dict(checkpoint.get("skipped_samples", []))
         self._rng_states_to_restore = checkpoint.get("rng_states")
         if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.load_checkpoint_state(checkpoint["ema"], {name: getattr(self, name) for name in self.trainable})
 
     # ----------------------------------------------------------------------------------------- sampling & export
     def pipeline(self) -> StableDiffusionPipeline:
-        """The standard diffusers pipeline around these very modules (no copies), with DDIM sampling."""
+        """The standard diffusers pipeline around the evaluation parts (no copies), with DDIM sampling."""
+        parts = self.evaluation_parts()
         pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=sampling_scheduler(self.noise_scheduler),
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.unet,
+            scheduler=sampling_scheduler(parts.noise_scheduler),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -329,30 +465,44 @@ class LatentDiffusionModule(L.LightningModule):
         guidance_scale: float = 4.0,
         seed: int = 0,
         resolution: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Images in [0, 1], (N, 3, H, W), generated with classifier-free guidance (and EMA weights if kept)."""
-        size = resolution or self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Images in [0, 1], (N, 3, H, W), float32 on the CPU, generated on the module's device with classifier-free
+        guidance and the evaluation weights.
+
+        The initial noise comes from a CPU generator (the same images on any device); the VAE decodes one image at
+        a time, so a batch at 512 px fits. ``autocast_dtype`` (e.g. torch.bfloat16) runs the networks under
+        autocast; the latents and the DDIM update stay float32.
+        """
+        pipe = self.pipeline()
+        size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         was_training = self.training
-        self.eval()
+        self.eval()  # the training parts are the evaluation parts when no EMA is kept
+        autocast = torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
         try:
-            with self.ema_weights():
-                generator = torch.Generator(device="cpu").manual_seed(seed)
-                images = self.pipeline()(
+            with autocast:
+                latents = pipe(
                     list(prompts),
                     height=size,
                     width=size,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
-                    generator=generator,
-                    output_type="pt",
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                    output_type="latent",
                 ).images
+                images = [self._decode(pipe, latent[None]) for latent in latents]
         finally:
             self.train(was_training)
-        return images.float().cpu()
+        return torch.cat(images)
+
+    @staticmethod
+    def _decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+        """As the pipeline decodes (scaling, VAE, post-processing to [0, 1]), moved to the CPU as float32."""
+        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        return pipe.image_processor.postprocess(decoded, output_type="pt").float().cpu()
 
     def export_pipeline(self, folder: str | Path) -> Path:
-        """Write a StableDiffusionPipeline folder (EMA weights when kept) that diffusers loads back."""
+        """Write a StableDiffusionPipeline folder (the evaluation weights: EMA when kept) that diffusers loads."""
         folder = Path(folder)
-        with self.ema_weights():
-            self.pipeline().save_pretrained(folder, safe_serialization=True)
+        self.pipeline().save_pretrained(folder, safe_serialization=True)
         return folder

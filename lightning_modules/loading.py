@@ -24,7 +24,7 @@ def _pipeline_resolution(folder: Path) -> int:
 def load_diffusion_module(
     source: str | Path, overrides: Sequence[str] = ()
 ) -> tuple[LatentDiffusionModule, DictConfig]:
-    """The model in eval mode (EMA weights swapped in for good when the run kept them) and its config.
+    """The model in eval mode, holding one set of weights (the EMA's when the run kept them), and its config.
 
     A checkpoint is read with ``weights_only=True`` (no code runs on unpickling); its run's ``config.yaml``
     (two folders up, beside ``checkpoints/``) rebuilds the frozen parts from their sources.
@@ -58,9 +58,6 @@ def load_diffusion_module(
         if untrained:
             raise ValueError(f"checkpoint '{source}' lacks weights of trained parts, e.g. {untrained[:3]}")
         module.on_load_checkpoint(checkpoint)
-        if module.ema is not None:
-            module.ema.copy_to(module.trainable_parameters())
-            module.ema = None
     else:
         raise FileNotFoundError(f"model source '{source}' does not exist (expected a .ckpt file or a diffusers folder)")
-    return module.eval(), cfg
+    return module.evaluation_only(), cfg

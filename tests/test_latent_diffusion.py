@@ -62,20 +62,24 @@ def test_frozen_parts_stay_bit_identical_and_trainable_parts_change(tiny_overrid
     trainer = fit_steps(module, tiny_batches(3), tmp_path, RecordModes())
 
     optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    unused = {id(module.get_parameter(name)) for name in module.unused_parameters}  # e.g. the VAE's decoder
+    assert bool(unused) == ("vae" in trainable)  # the tiny CLIP encoder has no unused parameter
     for name in PART_NAMES:
         params = list(getattr(module, name).parameters())
         changed = [not torch.equal(old, new.detach()) for old, new in zip(before[name], params, strict=True)]
         if name in trainable:
             assert any(changed), f"{name} is trainable but no weight changed"
-            assert all(p.requires_grad for p in params)
-            assert {id(p) for p in params} <= optimizer_params
+            trained = [p for p in params if id(p) not in unused]
+            assert all(p.requires_grad for p in trained) and not any(p.requires_grad for p in params if id(p) in unused)
+            assert {id(p) for p in trained} <= optimizer_params
+            assert not any(c for p, c in zip(params, changed, strict=True) if id(p) in unused)
             assert modes_seen[name] is True
         else:
             assert not any(changed), f"{name} is frozen but its weights changed"
             assert not any(p.requires_grad for p in params)
             assert not {id(p) for p in params} & optimizer_params
             assert modes_seen[name] is False, f"frozen {name} must stay in eval mode during training"
-    trainable_ids = {id(p) for name in trainable for p in getattr(module, name).parameters()}
+    trainable_ids = {id(p) for name in trainable for p in getattr(module, name).parameters()} - unused
     assert optimizer_params == trainable_ids
     learning_rates = {group["name"]: group["lr"] for group in trainer.optimizers[0].param_groups}
     cfg = load_config([], tiny_overrides)
@@ -138,14 +142,113 @@ def test_loss_on_a_fixed_batch_falls_with_training(tiny_overrides, tmp_path, ext
 
 def test_ema_tracks_training_and_is_used_for_sampling(tiny_overrides, tmp_path):
     module = tiny_module(tiny_overrides, "train.ema_decay=0.5", "train.learning_rate.unet=1e-2")
-    fit_steps(module, tiny_batches(4), tmp_path)
-    training_weights = [p.detach().clone() for p in module.unet.parameters()]
-    with module.ema_weights():
-        ema_weights = [p.detach().clone() for p in module.unet.parameters()]
-    restored = [p.detach() for p in module.unet.parameters()]
-    assert any(not torch.equal(a, b) for a, b in zip(training_weights, ema_weights, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(training_weights, restored, strict=True))
+    trainer = fit_steps(module, tiny_batches(4), tmp_path)
+    ema_unet = module.evaluation_parts().unet
+    assert ema_unet is module.ema.copies["unet"] and not ema_unet.training
+    optimized = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+    assert {id(p) for p in optimized} == {id(p) for p in module.unet.parameters()}  # the training weights
+    assert not {id(p) for p in ema_unet.parameters()} & {id(p) for p in optimized}
+    assert any(not torch.equal(a, b) for a, b in zip(module.unet.parameters(), ema_unet.parameters(), strict=True))
     assert module.ema.optimization_step == 4
+    ran = []
+    ema_unet.register_forward_pre_hook(lambda *_: ran.append("ema"))
+    module.unet.register_forward_pre_hook(lambda *_: ran.append("training"))
+    module.sample(CAPTIONS[:1], num_inference_steps=2)
+    assert ran == ["ema", "ema"]
+
+
+def test_sampling_neither_swaps_nor_copies_weights(tiny_overrides, tmp_path, monkeypatch):
+    """The training weights stay where they are during sampling, and nothing but the images goes to the CPU."""
+    module = tiny_module(tiny_overrides, "train.ema_decay=0.5", "train.learning_rate.unet=1e-2")
+    fit_steps(module, tiny_batches(2), tmp_path)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in module.named_parameters()}
+    unchanged_meanwhile = []
+
+    def check(*_):
+        unchanged_meanwhile.append(
+            all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in module.named_parameters())
+        )
+
+    module.evaluation_parts().unet.register_forward_pre_hook(check)
+    moved_bytes = []
+    to_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(
+        torch.Tensor, "cpu", lambda self, *a, **k: moved_bytes.append(self.nbytes) or to_cpu(self, *a, **k)
+    )
+    images = module.sample(CAPTIONS[:2], num_inference_steps=2)
+    assert unchanged_meanwhile == [True, True]
+    assert sum(moved_bytes) == images.nbytes  # EMAModel.store moved every trained weight here, each call
+    check()
+    assert unchanged_meanwhile[-1]
+
+
+def test_sampling_decodes_one_image_at_a_time_and_runs_under_autocast(tiny_overrides):
+    """Decoding per image keeps a 512-px batch in memory; bf16 autocast (the fidelity evaluation's) stays close."""
+    module = tiny_module(tiny_overrides)
+    vae = module.evaluation_parts().vae
+    decoded_batches, dtypes = [], []
+    vae.decoder.register_forward_hook(
+        lambda _m, args, out: decoded_batches.append(len(out)) or dtypes.append(out.dtype)
+    )
+    full = module.sample(CAPTIONS[:3], num_inference_steps=2, seed=1)
+    assert decoded_batches == [1, 1, 1] and dtypes == [torch.float32] * 3
+    half = module.sample(CAPTIONS[:3], num_inference_steps=2, seed=1, autocast_dtype=torch.bfloat16)
+    assert dtypes[3:] == [torch.bfloat16] * 3  # the networks ran in bf16
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert 0 < float((half - full).abs().mean()) < 0.05
+
+
+class SaveCheckpointMidway(L.Callback):
+    """Write a checkpoint in the middle of an evaluation (what SIGTERM or SLURM's SIGUSR1 may do)."""
+
+    def __init__(self, path: Path, moment: str) -> None:
+        self.path, self.moment, self.training_weights = path, moment, None
+
+    def save(self, trainer, module) -> None:
+        if self.training_weights is None:
+            self.training_weights = {k: v.detach().clone() for k, v in module.unet.state_dict().items()}
+            trainer.save_checkpoint(self.path)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.moment == "validation" and not trainer.sanity_checking:
+            self.save(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.moment == "sampling" and trainer.global_step == 2:
+            hook = pl_module.evaluation_parts().unet.register_forward_pre_hook(lambda *_: self.save(trainer, pl_module))
+            pl_module.sample(CAPTIONS[:1], num_inference_steps=2)
+            hook.remove()
+
+
+@pytest.mark.parametrize("moment", ["validation", "sampling"])
+def test_a_checkpoint_written_while_evaluating_holds_the_training_weights(tiny_overrides, tmp_path, moment):
+    module = tiny_module(tiny_overrides, "train.ema_decay=0.5", "train.learning_rate.unet=1e-2")
+    midway = SaveCheckpointMidway(tmp_path / "midway.ckpt", moment)
+    calls = []  # which UNet ran, and with autograd (training steps) or without (validation, sampling)
+    module.unet.register_forward_pre_hook(lambda *_: calls.append(("training", torch.is_grad_enabled())))
+    module.ema.copies["unet"].register_forward_pre_hook(lambda *_: calls.append(("ema", torch.is_grad_enabled())))
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[midway],
+        default_root_dir=tmp_path,
+    )
+    batches = DataLoader(tiny_batches(3), batch_size=None)
+    trainer.fit(module, train_dataloaders=batches, val_dataloaders=DataLoader(tiny_batches(1), batch_size=None))
+    saved = torch.load(midway.path, map_location="cpu", weights_only=True)
+    unet_weights = {k.removeprefix("unet."): v for k, v in saved["state_dict"].items() if k.startswith("unet.")}
+    assert unet_weights.keys() == midway.training_weights.keys()
+    assert all(torch.equal(unet_weights[k], v) for k, v in midway.training_weights.items())
+    ema = saved["ema"]["weights"]
+    assert any(not torch.equal(ema[f"unet.{k}"], v) for k, v in unet_weights.items())  # the EMA is elsewhere
+    assert set(calls) == {("training", True), ("ema", False)}  # evaluations ran on the EMA copy only
 
 
 def test_pretrained_folder_loads_the_saved_weights(tiny_overrides, tiny_model_dir):

@@ -110,3 +110,27 @@ def test_unguided_generation_keeps_the_whole_batch(module):
 def test_last_k_steps_must_fit_the_schedule(last_k_steps):
     with pytest.raises(ValueError, match="last_k_steps"):
         HeatmapSettings(num_inference_steps=10, last_k_steps=last_k_steps)
+
+
+def test_forward_noising_is_float32_with_a_bf16_vae(tiny_model_dir: Path, two_xrays):
+    """In bf16 sqrt(1 - alpha_bar_t) rounds to 0 at t = 1, the last step read: the UNet would see the clean latent."""
+    module, _ = load_diffusion_module(tiny_model_dir, TINY_MODEL_OVERRIDES)
+    module.vae.to(torch.bfloat16)
+    seen = []
+    hook = module.unet.register_forward_pre_hook(lambda _unet, args: seen.append((args[0].clone(), int(args[1]))))
+    try:
+        phrase_grounding_heatmaps(module, two_xrays, [PHRASE, PHRASE], [CATEGORY, CATEGORY], SETTINGS)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        mean = module.vae.encode(two_xrays.to(torch.bfloat16)).latent_dist.mean
+    latents = mean.float() * module.vae.config.scaling_factor
+    k = SETTINGS.last_k_steps
+    noise = torch.stack(
+        [torch.randn((k, *latents.shape[1:]), generator=torch.Generator().manual_seed(3)) for _ in range(2)], dim=1
+    )
+    assert seen[-1][1] == 1
+    for step, (noisy, timestep) in enumerate(seen):
+        alpha_bar = module.noise_scheduler.alphas_cumprod[timestep]
+        assert noisy.dtype == torch.float32
+        torch.testing.assert_close(noisy, alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise[step])
