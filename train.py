@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.attention_heatmaps import AttentionHeatmapCallback
+from callbacks.data_report import DATA_REPORT_FILE, DataReportCallback, describe_data_report
 from callbacks.export_pipeline import ExportPipelineCallback
 from callbacks.fidelity import FIDCallback
 from callbacks.grounding import GroundingCallback
@@ -224,10 +225,11 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
     before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["autoencoder/val_reconstruction_mse"]
     trainer.fit(module, datamodule=datamodule)
     after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["autoencoder/val_reconstruction_mse"]
-    scaling = module.latent_scaling_factor(itertools.islice(datamodule.train_dataloader(), 8))
-    module.vae.register_to_config(scaling_factor=cfg.model.vae.scaling_factor or scaling)
     finish_loggers(loggers)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # alone (no collective): the others wait at the barrier below, then load the folder
+        # Measured on the training split's first batches in one-process order, whatever the process count.
+        scaling = module.latent_scaling_factor(itertools.islice(datamodule.train_loader(world_size=1, rank=0), 8))
+        module.vae.register_to_config(scaling_factor=cfg.model.vae.scaling_factor or scaling)
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         module.vae.save_pretrained(staging, safe_serialization=True)
@@ -268,12 +270,15 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
     read_latents = uses_cached_latents(cfg, module)
     report_line(f"[data] diffusion trains on {'cached VAE latents' if read_latents else 'pixels'} ({cfg.data.format})")
     datamodule = build_datamodule(cfg, root, cfg.data.batch_size, tokenizer=module.tokenizer, read_latents=read_latents)
-    checkpoints = ModelCheckpoint(
+    limit = cfg.train.checkpoints_total_limit
+    checkpoints = ModelCheckpoint(  # Lightning's documented "last k": the top k by step, mode max
         dirpath=run_dir / "checkpoints",
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=cfg.train.checkpointing_steps,
-        save_top_k=-1,
+        monitor="step",
+        mode="max",
+        save_top_k=-1 if limit is None else limit,
         save_last=True,
     )
     samples = SampleGridCallback(
@@ -287,7 +292,7 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
     # On SIGTERM/SIGINT or a crash, last.ckpt holds the state at the interruption (written atomically by Lightning).
     on_interrupt = OnExceptionCheckpoint(dirpath=run_dir / "checkpoints", filename="last")
     callbacks: list[L.Callback] = [checkpoints, on_interrupt, LearningRateMonitor(logging_interval="step"), samples]
-    callbacks += evaluation_callbacks(cfg, root, run_dir)
+    callbacks += [DataReportCallback(run_dir / DATA_REPORT_FILE), *evaluation_callbacks(cfg, root, run_dir)]
     if cfg.callbacks.export_pipeline:
         callbacks.append(ExportPipelineCallback(run_dir / "pipeline"))
     loggers = build_loggers(cfg, run_dir, "diffusion")
@@ -343,6 +348,11 @@ def run_stages(cfg: DictConfig) -> dict[str, Path]:
         outputs |= train_diffusion(cfg, root, vae_folder, run_dir)
         report_line(f"[diffusion] {cfg.trainer.max_steps} steps in {time.perf_counter() - diffusion_started:.0f} s")
     report_line(f"\n[done] in {time.perf_counter() - started:.0f} s")
+    data_report = run_dir / DATA_REPORT_FILE
+    if data_report.is_file():  # what the data left out: the same counts as the data log and W&B
+        outputs["data_report"] = data_report
+        for line in describe_data_report(json.loads(data_report.read_text())):
+            report_line(f"  {'data':<11}{line}")
     for name, path in outputs.items():
         report_line(f"  {name:<11}{path}")
     if (run_dir / "wandb").is_dir():

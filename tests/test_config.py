@@ -107,3 +107,13 @@ def test_train_script_reports_a_config_typo_in_one_line_without_a_traceback(tmp_
     assert "config error: unknown config key 'model.trainble'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing is created before the config is valid
+
+
+def test_a_run_config_written_before_a_key_was_renamed_still_loads(tmp_path):
+    old_run_config = tmp_path / "config.yaml"
+    old_run_config.write_text("fidelity:\n  extractor: inception\n  num_images: 50\n")
+    cfg = load_config([old_run_config])
+    assert list(cfg.fidelity.extractors) == ["inception"] and cfg.fidelity.num_images == 50
+    assert "extractor" not in cfg.fidelity
+    with pytest.raises(ConfigError, match="did you mean 'fidelity.extractors'"):
+        load_config([], ["fidelity.extractor=domain"])  # the command line speaks the current schema
