@@ -3,7 +3,8 @@
     python evaluate.py grounding --model runs/frozen_text_encoder/<run>/checkpoints/last.ckpt --out eval/grounding
     python evaluate.py fidelity  --model runs/frozen_text_encoder/<run>/pipeline --out eval/fidelity
 
-Each subcommand is defined beside the code it runs; this script only dispatches.
+Each subcommand is defined beside the code it runs; this script only dispatches. Both run on ``--device``
+(default: cuda when available, else cpu; a device that cannot be used here is refused before anything loads).
 """
 
 from __future__ import annotations

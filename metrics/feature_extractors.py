@@ -1,4 +1,4 @@
-"""The networks FID is computed on, behind one interface and chosen by name (``fidelity.extractor``).
+"""The networks FID is computed on, behind one interface and chosen by name (``fidelity.extractors``).
 
 - ``domain``: the project's own finding classifier (``metrics.domain_classifier``), penultimate features; works
   offline on any configured data, including the embedded synthetic set.
@@ -12,8 +12,10 @@ and a local weights file: both are checked before anything is imported or loaded
 in one error. Nothing is ever downloaded.
 
 Every extractor is frozen and stays in eval mode (a trainable feature net breaks DDP's unused-parameter check):
-images (N, C, H, W) in [0, 1] in, (N, num_features) float64 features out. ``domain`` and ``xrv`` are finding
-classifiers too: ``finding_scores`` gives their probabilities for the 8 MS-CXR findings (classifier agreement).
+images (N, C, H, W) in [0, 1] in, (N, num_features) float64 features out, computed in float32 even inside an
+autocast region (generation may run in bf16; the features and their statistics never do). ``domain`` and ``xrv``
+are finding classifiers too: ``finding_scores`` gives their probabilities for the 8 MS-CXR findings (classifier
+agreement).
 """
 
 from __future__ import annotations
@@ -99,13 +101,19 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images).double()
+        with torch.autocast(images.device.type, enabled=False):
+            return self.features(images.float()).double()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
     def finding_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, len(findings)) probabilities of each finding."""
+        """(N, len(findings)) probabilities of each finding, in float32 (outside any autocast region)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.finding_probabilities(images.float()).float()
+
+    def finding_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"the '{self.name}' feature extractor is no finding classifier")
 
 
@@ -124,8 +132,7 @@ class DomainFeatures(FeatureExtractor):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(to_classifier_input(images, self.classifier.resolution))
 
-    @torch.no_grad()
-    def finding_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def finding_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.classifier(to_classifier_input(images, self.classifier.resolution)))
 
 
@@ -188,8 +195,7 @@ class XrvFeatures(FeatureExtractor):
         maps = self.network.features(self.network_input(images))
         return F.adaptive_avg_pool2d(F.relu(maps), 1).flatten(1)
 
-    @torch.no_grad()
-    def finding_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def finding_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.network.classifier(self.features(images))
         return torch.sigmoid(logits[:, self.finding_columns])
 
@@ -209,4 +215,4 @@ def build_feature_extractor(
         return InceptionFeatures(inception_weights)
     if name == "xrv":
         return XrvFeatures(xrv_weights)
-    raise ValueError(f"fidelity.extractor must be one of {EXTRACTORS}, got '{name}'")
+    raise ValueError(f"unknown feature extractor '{name}': expected one of {EXTRACTORS}")

@@ -9,11 +9,12 @@
 - Diversity: mean pairwise MS-SSIM among several images of one prompt, averaged over prompts (lower = more
   diverse), with as many MS-SSIM scales as the image size allows.
 
-    metrics = FidelityMetrics(extractor, scorer=extractor, num_images=500)
-    metrics.load_reference(reference_statistics(extractor, real_batches, cache_file).statistics)
-    metrics.update(generated_images, finding_targets)        # per batch, on every process
+    metrics = FidelityMetrics([inception, xrv], scorer=xrv, num_images=500)
+    metrics.load_reference({e.name: reference_statistics(e, real_batches, cache_file_of(e)).statistics
+                            for e in (inception, xrv)})
+    metrics.update(generated_images, finding_targets, indices)   # per batch, on every process
     metrics.update_diversity(images_of_one_prompt)
-    metrics.compute()   # {"fid/domain@500": ..., "agreement/domain/auroc_mean": ..., "diversity/ms_ssim": ...}
+    metrics.compute()   # {"fid/inception@500": ..., "fid/xrv@500": ..., "agreement/xrv/auroc_mean": ..., ...}
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +68,16 @@ class _GivenFeatures(nn.Module):
 
 
 class FrechetDistance(FrechetInceptionDistance):
-    """torchmetrics' FID on given features, float64 throughout; the reference (real) statistics survive reset()."""
+    """torchmetrics' FID on given features, float64 throughout; the reference (real) statistics survive reset().
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__(feature=_GivenFeatures(num_features), reset_real_features=False)
+    ``compute()`` sums the statistics over processes (a collective every process must enter); with
+    ``sync_on_compute=False`` it uses this process's features alone and is safe where only one process runs.
+    """
+
+    def __init__(self, num_features: int, sync_on_compute: bool = True) -> None:
+        super().__init__(
+            feature=_GivenFeatures(num_features), reset_real_features=False, sync_on_compute=sync_on_compute
+        )
         self.orig_dtype = torch.float64  # compute() casts to it; set here for a process that saw no images
 
     def update(self, features: torch.Tensor, real: bool) -> None:
@@ -83,8 +90,11 @@ class FrechetDistance(FrechetInceptionDistance):
 
 
 def frechet_distance(real_features: torch.Tensor, generated_features: torch.Tensor) -> float:
-    """FID between two feature sets (rows are samples), through the same metric the evaluation uses."""
-    metric = FrechetDistance(real_features.shape[1])
+    """FID between two feature sets (rows are samples), through the same metric the evaluation uses.
+
+    Local to the calling process (no sync): the reference statistics are computed on process 0 alone.
+    """
+    metric = FrechetDistance(real_features.shape[1], sync_on_compute=False)
     metric.update(real_features, real=True)
     metric.update(generated_features, real=False)
     return float(metric.compute())
@@ -195,34 +205,45 @@ class IndexedScores(Metric):
 
 
 class FidelityMetrics(nn.Module):
-    """FID of generated images against a reference, classifier agreement and diversity; torchmetrics states.
+    """FID of generated images against a reference on each extractor, classifier agreement and diversity.
 
-    Every process updates with its own images; ``compute`` syncs (sums FID statistics, gathers agreement scores,
-    averages diversity) so all processes get the values of the union. Call ``load_reference`` on one process only.
+    One generation feeds every metric: each batch of generated images goes through every extractor (one
+    ``FrechetDistance`` each, ``fid/<extractor>@M``) and the scorer. Every process updates with its own images;
+    ``compute`` syncs (sums FID statistics, gathers agreement scores, averages diversity) so all processes get
+    the values of the union. Call ``load_reference`` on one process only.
     """
 
     def __init__(
         self,
-        extractor: FeatureExtractor,
+        extractors: Sequence[FeatureExtractor],
         scorer: FeatureExtractor | None,
         num_images: int,
         measure_diversity: bool = True,
     ) -> None:
         super().__init__()
-        self.extractor, self.scorer, self.num_images = extractor, scorer, num_images
-        self.measure_diversity = measure_diversity
-        self.fid = FrechetDistance(extractor.num_features)
+        names = [extractor.name for extractor in extractors]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"FID needs one or more extractors with distinct names, got {names}")
+        self.extractors = nn.ModuleDict(zip(names, extractors, strict=True))
+        self.fids = nn.ModuleDict({extractor.name: FrechetDistance(extractor.num_features) for extractor in extractors})
+        self.scorer, self.num_images, self.measure_diversity = scorer, num_images, measure_diversity
         self.agreement = IndexedScores(num_images, len(scorer.findings)) if scorer is not None else None
         self.diversity = MeanMetric()
 
-    def load_reference(self, statistics: FeatureStatistics) -> None:
-        self.fid.load_reference(statistics)
+    def load_reference(self, statistics: Mapping[str, FeatureStatistics]) -> None:
+        """The real set's statistics of every extractor, by extractor name."""
+        missing = set(self.fids) - set(statistics)
+        if missing:
+            raise ValueError(f"no reference statistics for extractor(s) {sorted(missing)}")
+        for name, fid in self.fids.items():
+            fid.load_reference(statistics[name])
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
         """Generated images in [0, 1], their prompts' finding targets (N, 8): 1, 0, or -1 = uncertain, and their
         positions among the M images."""
-        self.fid.update(self.extractor(images), real=False)
+        for name, extractor in self.extractors.items():
+            self.fids[name].update(extractor(images), real=False)
         if self.agreement is not None:
             self.agreement.update(indices, self.scorer.finding_scores(images), targets)
 
@@ -230,11 +251,11 @@ class FidelityMetrics(nn.Module):
         self.diversity.update(mean_pairwise_ms_ssim(images_of_one_prompt))
 
     def compute(self) -> dict[str, float]:
-        """Values named for dashboards; M is in the FID name; findings without both classes are left out.
+        """Values named for dashboards; M is in the FID names; findings without both classes are left out.
 
         Every process must call it (the sync is collective), whether or not it had images to update with.
         """
-        results = {f"fid/{self.extractor.name}@{self.num_images}": float(self.fid.compute())}
+        results = {f"fid/{name}@{self.num_images}": float(fid.compute()) for name, fid in self.fids.items()}
         if self.agreement is not None:
             aurocs = finding_aurocs(*self.agreement.compute())
             prefix = f"agreement/{self.scorer.name}"
@@ -246,6 +267,6 @@ class FidelityMetrics(nn.Module):
 
     def reset(self) -> None:
         """Forget generated images (the reference statistics stay)."""
-        for metric in (self.fid, self.agreement, self.diversity):
+        for metric in (*self.fids.values(), self.agreement, self.diversity):
             if metric is not None:
                 metric.reset()

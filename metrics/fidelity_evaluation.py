@@ -5,12 +5,16 @@ reference is those samples' real images. ``FidelityEvaluation`` holds what one m
 ``callbacks.fidelity.FIDCallback`` and the command line:
 
     python evaluate.py fidelity --model runs/frozen_text_encoder/<run>/checkpoints/last.ckpt --out eval/fidelity
-    python evaluate.py fidelity --model runs/<name>/<run>/pipeline --out eval/fid-xrv --num-images 5000
-        --extractor xrv data.root=/data/mimic-cxr-jpg/2.1.0 fidelity.xrv_weights=/models/xrv-all.pt   (one line)
+    python evaluate.py fidelity --model runs/<name>/<run>/pipeline --out eval/fid --num-images 5000 --device cuda
+        --extractors inception,xrv data.root=/data/mimic-cxr-jpg/2.1.0 fidelity.autocast=bf16
+        fidelity.inception_weights=/models/weights-inception-2015-12-05-6726825d.pth
+        fidelity.xrv_weights=/models/xrv-all.pt                                                   (one line)
 
 writes ``fidelity.json``, ``fidelity.md`` and ``samples.png`` into ``--out``. Generation is split into fixed
 batches with fixed seeds, dealt round-robin to processes, so the images (and the metrics) do not depend on the
-number of processes.
+number of processes. The M images are generated once; every extractor of ``fidelity.extractors`` computes its FID
+(``fid/<extractor>@M``) from them. The model, the extractors and the real images' reference statistics all run on
+the evaluation device (``--device``; in training the training device).
 """
 
 from __future__ import annotations
@@ -20,28 +24,35 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from callbacks.image_logging import image_grid
 from datamodules.cxr_datamodule import dataset_fingerprint, resolve_data_root
 from datamodules.mimic import CHEXPERT_LABELS, MimicCxrDataset, MimicIndex, build_mimic_index, collate_skipping_bad
+from lightning_modules.devices import add_device_argument
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.loading import load_diffusion_module
 from metrics.domain_classifier import ensure_domain_classifier, finding_targets
-from metrics.feature_extractors import EXTRACTORS, FeatureExtractor, build_feature_extractor
+from metrics.feature_extractors import (
+    EXTRACTORS,
+    FeatureExtractor,
+    MissingFeatureExtractorError,
+    build_feature_extractor,
+)
 from metrics.fidelity import FidelityMetrics, ReferenceStatistics, reference_cache_file, reference_statistics
 
 log = logging.getLogger(__name__)
 
 CLASSIFIERS = ("domain", "xrv")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_GRID_IMAGES = 16
 SELECTION_SEED = 0  # fixed: every run and every M draws its held-out samples from the same permutation
 DIVERSITY_SEED_OFFSET = 1_000_000  # diversity images get seeds of their own, whatever M
@@ -84,18 +95,44 @@ class FidelityResult:
     sample_captions: list[str]
 
 
+def autocast_dtype(name: str | None) -> torch.dtype | None:
+    """``fidelity.autocast``: the dtype generation runs in under autocast, or None for the module's own precision."""
+    if name is not None and name not in AUTOCAST_DTYPES:
+        raise ValueError(f"fidelity.autocast must be one of {list(AUTOCAST_DTYPES)} or null, got '{name}'")
+    return None if name is None else AUTOCAST_DTYPES[name]
+
+
 class FidelityEvaluation:
-    """Held-out prompts, feature extractor, classifier and FID reference for one configuration and M."""
+    """Held-out prompts, feature extractors, classifier and FID references for one configuration and M.
+
+    ``inception`` and ``xrv`` are built here, so missing packages or weight files fail at construction (before
+    training starts); the ``domain`` classifier is trained (if not cached) when first needed, on one process.
+    """
 
     def __init__(self, cfg: DictConfig, root: Path, num_images: int, num_inference_steps: int | None = None) -> None:
         settings = cfg.fidelity
-        if settings.extractor not in EXTRACTORS:
-            raise ValueError(f"fidelity.extractor must be one of {EXTRACTORS}, got '{settings.extractor}'")
+        names = list(settings.extractors) if isinstance(settings.extractors, ListConfig) else None
+        if not names or len(set(names)) != len(names) or not set(names) <= set(EXTRACTORS):
+            raise ValueError(
+                f"fidelity.extractors must be a list of distinct names from {EXTRACTORS}, got {settings.extractors}"
+            )
         if settings.classifier not in CLASSIFIERS:
             raise ValueError(f"fidelity.classifier must be one of {CLASSIFIERS}, got '{settings.classifier}'")
         if settings.diversity.num_prompts and settings.diversity.images_per_prompt < 2:
             raise ValueError("fidelity.diversity.images_per_prompt must be at least 2 (or set num_prompts=0)")
         self.cfg, self.root, self.settings = cfg, Path(root), settings
+        self.extractor_names: tuple[str, ...] = tuple(names)
+        self.autocast_dtype = autocast_dtype(settings.autocast)
+        self._extractors: dict[str, FeatureExtractor] = {}
+        missing = []
+        for name in dict.fromkeys([*names, settings.classifier]):
+            if name != "domain":
+                try:
+                    self.extractor(name)  # now: a missing package or weights file fails before any work
+                except MissingFeatureExtractorError as error:
+                    missing.append(str(error))
+        if missing:
+            raise MissingFeatureExtractorError("\n".join(missing))
         self.num_inference_steps = num_inference_steps or settings.num_inference_steps
         self.index = held_out_selection(cfg, self.root, num_images)
         self.num_images = len(self.index)
@@ -103,7 +140,6 @@ class FidelityEvaluation:
         labels = torch.tensor(self.index.samples[list(CHEXPERT_LABELS)].to_numpy(dtype=np.float32))
         self.targets = finding_targets(labels)
         self.diversity_prompts = self.captions[: settings.diversity.num_prompts]
-        self._extractors: dict[str, FeatureExtractor] = {}
 
     def extractor(self, name: str) -> FeatureExtractor:
         """Built once; ``domain`` trains and caches the classifier first when it is missing."""
@@ -126,35 +162,49 @@ class FidelityEvaluation:
             if len(batch["caption"]):
                 yield (batch["pixel_values"] + 1) / 2
 
-    def reference(self) -> ReferenceStatistics:
-        """The real images' statistics, cached by data, split, views, resolution, extractor (and weights) and M."""
-        extractor = self.extractor(self.settings.extractor)
-        key = {
-            "data": dataset_fingerprint(self.root),
-            "split": self.settings.split,
-            "views": list(self.cfg.data.views),
-            "caption_section": self.cfg.data.caption_section,
-            "resolution": self.cfg.data.resolution,
-            "extractor": extractor.identity,
-            "num_images": self.num_images,
-            "selection_seed": SELECTION_SEED,
-        }
-        cache_file = reference_cache_file(self.cfg.data.cache_dir, key)
-        return reference_statistics(extractor, self.real_image_batches, cache_file)
+    def reference(self, device: torch.device | str = "cpu") -> dict[str, ReferenceStatistics]:
+        """Each extractor's statistics of the real images, by name, extracted on ``device`` unless cached.
 
-    def build_metrics(self, reference: ReferenceStatistics | None) -> FidelityMetrics:
-        """Metrics for this evaluation; pass the reference on exactly one process (the sync sums statistics)."""
+        One cache file per extractor, keyed by data, split, views, resolution, the network and its weights, and M.
+        """
+        references = {}
+        for name in self.extractor_names:
+            extractor = self.extractor(name).to(device)
+            key = {
+                "data": dataset_fingerprint(self.root),
+                "split": self.settings.split,
+                "views": list(self.cfg.data.views),
+                "caption_section": self.cfg.data.caption_section,
+                "resolution": self.cfg.data.resolution,
+                "extractor": extractor.identity,
+                "num_images": self.num_images,
+                "selection_seed": SELECTION_SEED,
+            }
+            cache_file = reference_cache_file(self.cfg.data.cache_dir, key)
+            references[name] = reference_statistics(extractor, self.real_image_batches, cache_file)
+        return references
+
+    def build_metrics(self, references: Mapping[str, ReferenceStatistics] | None) -> FidelityMetrics:
+        """Metrics for this evaluation; pass the references on exactly one process (the sync sums statistics)."""
         metrics = FidelityMetrics(
-            self.extractor(self.settings.extractor),
+            [self.extractor(name) for name in self.extractor_names],
             self.extractor(self.settings.classifier),
             self.num_images,
             measure_diversity=bool(self.diversity_prompts),
         )
-        if reference is not None:
-            metrics.load_reference(reference.statistics)
+        if references is not None:
+            metrics.load_reference({name: reference.statistics for name, reference in references.items()})
         return metrics
 
-    def evaluate(
+    def generate(self, module: LatentDiffusionModule, prompts: list[str], seed: int) -> torch.Tensor:
+        """``module.sample`` with this evaluation's steps, guidance and precision (``fidelity.autocast``: the
+        networks under autocast, the DDIM latents float32, the VAE decoding one image at a time), on its device."""
+        images = module.sample(
+            prompts, self.num_inference_steps, self.settings.guidance_scale, seed, autocast_dtype=self.autocast_dtype
+        )
+        return images.float().to(module.device)
+
+    def update_share(
         self,
         module: LatentDiffusionModule,
         metrics: FidelityMetrics,
@@ -162,12 +212,11 @@ class FidelityEvaluation:
         world_size: int = 1,
         progress: bool = False,
     ) -> FidelityResult:
-        """Generate this process's share of images with ``module.sample`` and return the synced metrics.
+        """Generate this process's share of images once and feed them to every metric (no sync: local work).
 
-        Every process must call it (the metrics sync is collective).
+        Returns the first generated images and prompts (for a grid); ``metrics`` stay to be computed.
         """
         settings, batch_size = self.settings, self.settings.batch_size
-        steps, guidance = self.num_inference_steps, settings.guidance_scale
         metrics.reset()
         metrics.to(module.device)
         num_batches = math.ceil(self.num_images / batch_size)
@@ -178,17 +227,26 @@ class FidelityEvaluation:
             if kind == "fid":
                 chosen = slice(number * batch_size, min((number + 1) * batch_size, self.num_images))
                 prompts = self.captions[chosen]
-                images = module.sample(prompts, steps, guidance, settings.seed + number)
-                indices = torch.arange(chosen.start, chosen.stop)
-                metrics.update(images.to(module.device), self.targets[chosen], indices)
+                images = self.generate(module, prompts, settings.seed + number)
+                metrics.update(images, self.targets[chosen], torch.arange(chosen.start, chosen.stop))
                 if number == 0:
-                    samples, sample_captions = images[:SAMPLE_GRID_IMAGES], prompts[:SAMPLE_GRID_IMAGES]
+                    samples, sample_captions = images[:SAMPLE_GRID_IMAGES].cpu(), prompts[:SAMPLE_GRID_IMAGES]
             else:
                 prompts = [self.diversity_prompts[number]] * settings.diversity.images_per_prompt
-                seed = settings.seed + DIVERSITY_SEED_OFFSET + number
-                images = module.sample(prompts, steps, guidance, seed)
-                metrics.update_diversity(images.to(module.device))
-        return FidelityResult(metrics.compute(), samples, sample_captions)
+                metrics.update_diversity(self.generate(module, prompts, settings.seed + DIVERSITY_SEED_OFFSET + number))
+        return FidelityResult({}, samples, sample_captions)
+
+    def evaluate(
+        self,
+        module: LatentDiffusionModule,
+        metrics: FidelityMetrics,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: bool = False,
+    ) -> FidelityResult:
+        """``update_share``, then the metrics synced over processes (every process must call it)."""
+        result = self.update_share(module, metrics, rank, world_size, progress)
+        return replace(result, metrics=metrics.compute())
 
 
 # ------------------------------------------------------------------------------------------------- command line
@@ -202,32 +260,51 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="a run's .ckpt (beside ../config.yaml) or a diffusers folder")
     parser.add_argument("--out", required=True, type=Path, help="folder for fidelity.json, fidelity.md, samples.png")
     parser.add_argument("--num-images", type=int, help="M generated and real images (default: fidelity.num_images)")
-    parser.add_argument("--extractor", choices=EXTRACTORS, help="FID features (default: fidelity.extractor)")
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--extractors",
+        type=extractor_list,
+        help=f"comma-separated FID features from {','.join(EXTRACTORS)}, one FID each from the same images, "
+        "e.g. inception,xrv (default: fidelity.extractors)",
+    )
+    add_device_argument(parser)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.root=... fidelity.seed=1")
     parser.set_defaults(run=run_fidelity)
+
+
+def extractor_list(text: str) -> list[str]:
+    """``--extractors inception,xrv``: one value, so trailing ``key=value`` overrides are not taken for names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in EXTRACTORS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {','.join(EXTRACTORS)}, got '{text}'")
+    return names
 
 
 def run_fidelity(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
     if args.num_images is not None:
         overrides.append(f"fidelity.num_images={args.num_images}")
-    if args.extractor is not None:
-        overrides.append(f"fidelity.extractor={args.extractor}")
+    if args.extractors is not None:
+        overrides.append(f"fidelity.extractors=[{','.join(args.extractors)}]")
     started = time.perf_counter()
     module, cfg = load_diffusion_module(args.model, overrides)
-    module.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    module.to(args.device)
     root = resolve_data_root(cfg.data)
     evaluation = FidelityEvaluation(cfg, root, cfg.fidelity.num_images)
-    reference = evaluation.reference()
-    result = evaluation.evaluate(module, evaluation.build_metrics(reference), progress=True)
+    references = evaluation.reference(args.device)
+    result = evaluation.evaluate(module, evaluation.build_metrics(references), progress=True)
     summary = {
         "model": str(args.model),
         "metrics": result.metrics,
-        "real_halves_fid": None if math.isnan(reference.real_halves_fid) else reference.real_halves_fid,
+        "real_halves_fid": {
+            name: None if math.isnan(reference.real_halves_fid) else reference.real_halves_fid
+            for name, reference in references.items()
+        },
         "num_images": evaluation.num_images,
-        "extractor": cfg.fidelity.extractor,
+        "extractors": list(evaluation.extractor_names),
         "classifier": cfg.fidelity.classifier,
+        "autocast": cfg.fidelity.autocast,
+        "device": str(args.device),
         "num_inference_steps": evaluation.num_inference_steps,
         "guidance_scale": cfg.fidelity.guidance_scale,
         "seed": cfg.fidelity.seed,
@@ -246,19 +323,26 @@ def run_fidelity(args: argparse.Namespace) -> dict:
 def write_summary(out_dir: Path, summary: dict, result: FidelityResult) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fidelity.json").write_text(json.dumps(summary, indent=2))
-    m, halves = summary["num_images"], summary["real_halves_fid"]
-    halves = "n/a (M < 4)" if halves is None else f"{halves:.4f}"
+    m = summary["num_images"]
+    halves = {
+        name: "n/a (M < 4)" if value is None else f"{value:.4f}" for name, value in summary["real_halves_fid"].items()
+    }
     lines = [
         f"# Fidelity of `{summary['model']}`",
         "",
         f"M = {m} prompts from the report captions of split `{summary['split']}` "
         f"({summary['num_inference_steps']} DDIM steps, guidance {summary['guidance_scale']}, seed {summary['seed']}); "
-        f"FID features: `{summary['extractor']}`, agreement classifier: `{summary['classifier']}`.",
+        f"FID features: {', '.join(f'`{name}`' for name in summary['extractors'])}, "
+        f"agreement classifier: `{summary['classifier']}`; generation autocast: {summary['autocast'] or 'off'}, "
+        f"on {summary['device']}.",
         "",
         "| metric | value |",
         "|---|---|",
         *(f"| {name} | {value:.4f} |" for name, value in result.metrics.items()),
-        f"| real held-out set, half vs half (FID floor at M/2 = {m // 2}) | {halves} |",
+        *(
+            f"| fid/{name}, real held-out set half vs half (floor at M/2 = {m // 2}) | {value} |"
+            for name, value in halves.items()
+        ),
         "",
         "Lower FID and MS-SSIM are better (MS-SSIM among images of one prompt: lower = more diverse); "
         "agreement AUROC: 0.5 = chance, 1 = every generated image shows the findings its prompt names.",

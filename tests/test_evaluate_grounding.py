@@ -11,6 +11,7 @@ from configs import load_config
 from datamodules.mscxr import read_ms_cxr
 from grounding.evaluation import evaluate_grounding, heatmap_settings, interleave_categories
 from grounding.phrase_grounding import HeatmapSettings
+from lightning_modules.devices import evaluation_device
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.loading import load_diffusion_module
 from metrics.grounding_metrics import PhraseGroundingMetrics
@@ -106,10 +107,14 @@ def test_evaluation_uses_ema_weights_in_eval_mode_and_restores_the_training_stat
     tiny_overrides, synthetic_root, monkeypatch
 ):
     module = LatentDiffusionModule.from_config(load_config([], [*tiny_overrides, "train.use_ema=true"])).train()
-    ema_weight = module.unet.conv_in.weight.detach().clone()
     with torch.no_grad():
         module.unet.conv_in.weight.add_(1.0)  # training moved away from the EMA average
     training_weight = module.unet.conv_in.weight.detach().clone()
+    ema_unet = module.evaluation_parts().unet
+    assert ema_unet is not module.unet and not torch.equal(ema_unet.conv_in.weight, training_weight)
+    calls = {"ema": 0, "training": 0}
+    ema_unet.register_forward_pre_hook(lambda *_: calls.update(ema=calls["ema"] + 1))
+    module.unet.register_forward_pre_hook(lambda *_: calls.update(training=calls["training"] + 1))
     seen = {}
     real = grounding.evaluation.phrase_grounding_heatmaps
 
@@ -120,5 +125,44 @@ def test_evaluation_uses_ema_weights_in_eval_mode_and_restores_the_training_stat
     monkeypatch.setattr(grounding.evaluation, "phrase_grounding_heatmaps", spy)
     items = read_ms_cxr(synthetic_root / "MS_CXR_Local_Alignment_v1.1.0.csv", "test")[:1]
     evaluate_grounding(module, items, synthetic_root, 32, HeatmapSettings(3, 2), PhraseGroundingMetrics(), 1)
-    assert torch.equal(seen["weight"], ema_weight) and not seen["training"]
+    assert calls == {"ema": 2, "training": 0}  # K = 2 UNet calls, all on the EMA copy
+    assert torch.equal(seen["weight"], training_weight) and not seen["training"]  # never swapped, even meanwhile
     assert torch.equal(module.unet.conv_in.weight, training_weight) and module.training and module.unet.training
+
+
+# ------------------------------------------------------------------------------------------------ --device
+def test_device_defaults_to_cuda_when_available_and_explicit_cpu_is_honoured(
+    tiny_model_dir, synthetic_root, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluation_device(None) == torch.device("cuda")
+    for subcommand in ("grounding", "fidelity"):  # one shared --device, parsed the same way by both
+        args = evaluate.build_parser().parse_args([subcommand, "--model", "m", "--out", "o"])
+        assert args.device == torch.device("cuda")
+    seen = []
+    real = grounding.evaluation.phrase_grounding_heatmaps
+
+    def spy(module, pixel_values, *args):
+        seen.append((module.device, next(module.unet.parameters()).device))
+        return real(module, pixel_values, *args)
+
+    monkeypatch.setattr(grounding.evaluation, "phrase_grounding_heatmaps", spy)
+    summary = grounding_cli(tiny_model_dir, synthetic_root, tmp_path / "eval", "--limit", "2", "--device", "cpu")
+    assert seen and set(seen) == {(torch.device("cpu"), torch.device("cpu"))}
+    assert summary["device"] == "cpu"
+
+
+@pytest.mark.parametrize("subcommand", ["grounding", "fidelity"])
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("banana", "--device 'banana' is not a torch device"), ("cuda:7", "--device 'cuda:7' cannot be used")],
+)
+def test_an_unusable_device_is_a_parser_error_naming_it(subcommand, device, message, capsys):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    with pytest.raises(SystemExit) as stop:
+        evaluate.build_parser().parse_args([subcommand, "--model", "m", "--out", "o", "--device", device])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=message):
+        evaluation_device(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import socket
 import time
 from pathlib import Path
@@ -14,10 +15,17 @@ import torch
 from scipy import linalg
 
 import evaluate
+import metrics.fidelity_evaluation
 from configs import load_config
 from datamodules.synthetic import ensure_synthetic_dataset
+from lightning_modules.loading import load_diffusion_module
 from metrics.domain_classifier import FINDINGS
-from metrics.feature_extractors import FeatureExtractor, MissingFeatureExtractorError, build_feature_extractor
+from metrics.feature_extractors import (
+    EXTRACTORS,
+    FeatureExtractor,
+    MissingFeatureExtractorError,
+    build_feature_extractor,
+)
 from metrics.fidelity import (
     FeatureStatistics,
     FidelityMetrics,
@@ -100,7 +108,7 @@ class QuadrantFeatures(FeatureExtractor):
         quadrants = [gray[:, :h, :w], gray[:, :h, w:], gray[:, h:, :w], gray[:, h:, w:]]
         return torch.stack([q.mean(dim=(1, 2)) for q in quadrants], dim=1)
 
-    def finding_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def finding_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return images[:, 0, 0, :8]
 
 
@@ -119,8 +127,8 @@ def test_classifier_agreement_is_per_finding_auroc_of_scores_against_prompt_find
     scores[:, 0] = targets[:, 0] * 0.5 + 0.25  # agrees perfectly
     scores[:, 1] = 1 - targets[:, 1]  # disagrees perfectly
     extractor = QuadrantFeatures()
-    metrics = FidelityMetrics(extractor, scorer=extractor, num_images=12, measure_diversity=False)
-    metrics.load_reference(FeatureStatistics.of(extractor(torch.rand(20, 3, 16, 16))))
+    metrics = FidelityMetrics([extractor], scorer=extractor, num_images=12, measure_diversity=False)
+    metrics.load_reference({"quadrants": FeatureStatistics.of(extractor(torch.rand(20, 3, 16, 16)))})
     metrics.update(images_carrying_scores(scores[:5]), targets[:5], torch.arange(5))
     metrics.update(images_carrying_scores(scores[5:]), targets[5:], torch.arange(5, 12))
     results = metrics.compute()
@@ -205,8 +213,8 @@ def test_reference_statistics_are_cached_and_invalidated_by_m_and_extractor(held
 
     monkeypatch.setattr(FidelityEvaluation, "real_image_batches", counting)
     base = fidelity_overrides(held_out_root, tmp_path / "cache")
-    first = FidelityEvaluation(load_config([], base), held_out_root, 8).reference()
-    again = FidelityEvaluation(load_config([], base), held_out_root, 8).reference()
+    first = FidelityEvaluation(load_config([], base), held_out_root, 8).reference()["domain"]
+    again = FidelityEvaluation(load_config([], base), held_out_root, 8).reference()["domain"]
     assert extractions == [8]  # the second call read the cache: no feature extraction of the real set
     assert torch.equal(again.statistics.outer_sum, first.statistics.outer_sum)
     assert again.real_halves_fid == first.real_halves_fid
@@ -227,7 +235,9 @@ def test_m_larger_than_the_held_out_split_is_capped_with_a_warning(held_out_root
         FidelityEvaluation(cfg, held_out_root, 1)
 
 
-def test_evaluate_fidelity_writes_json_markdown_and_grid(tiny_model_dir, held_out_root, tmp_path):
+def test_evaluate_fidelity_writes_json_markdown_and_grid(
+    tiny_model_dir, held_out_root, tmp_path, with_linear_extractor
+):
     out = tmp_path / "eval"
     evaluate.main(
         [
@@ -238,6 +248,8 @@ def test_evaluate_fidelity_writes_json_markdown_and_grid(tiny_model_dir, held_ou
             str(out),
             "--num-images",
             "6",
+            "--extractors",
+            "domain,linear",
             "--device",
             "cpu",
             *fidelity_overrides(held_out_root, tmp_path / "cache"),
@@ -248,11 +260,163 @@ def test_evaluate_fidelity_writes_json_markdown_and_grid(tiny_model_dir, held_ou
     )
     summary = json.loads((out / "fidelity.json").read_text())
     metrics = summary["metrics"]
-    assert summary["num_images"] == 6 and summary["extractor"] == "domain"
-    assert metrics["fid/domain@6"] > 0
+    assert summary["num_images"] == 6 and summary["extractors"] == ["domain", "linear"] and summary["device"] == "cpu"
+    assert metrics["fid/domain@6"] > 0 and metrics["fid/linear@6"] > 0
     assert 0 <= metrics["agreement/domain/auroc_mean"] <= 1
     assert 0 <= metrics["diversity/ms_ssim"] <= 1
-    assert summary["real_halves_fid"] >= 0
+    assert set(summary["real_halves_fid"]) == {"domain", "linear"}
+    assert all(value >= 0 for value in summary["real_halves_fid"].values())
     markdown = (out / "fidelity.md").read_text()
-    assert "fid/domain@6" in markdown and "half vs half" in markdown
+    for name in ("domain", "linear"):
+        assert f"| fid/{name}@6 |" in markdown and f"| fid/{name}, real held-out set half vs half" in markdown
     assert (out / "samples.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ several extractors, precision
+class LinearFeatures(FeatureExtractor):
+    """A second stand-in: a fixed random linear map of 4x4-pooled grayscale images (autocast changes a matmul)."""
+
+    name = "linear"
+    num_features = 6
+    findings = FINDINGS
+
+    def __init__(self) -> None:
+        super().__init__("linear-v1")
+        self.projection = torch.nn.Linear(16, self.num_features)
+        torch.nn.init.normal_(self.projection.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.zeros_(self.projection.bias)  # identity "linear-v1" names these very weights (cache key)
+        self.freeze()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.mean(dim=1, keepdim=True), 4).flatten(1)
+        return self.projection(pooled)
+
+    def finding_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.features(images)[:, :1].expand(-1, len(FINDINGS)))
+
+
+TINY_MODEL = ["model.text_encoder.max_length=16", "model.text_encoder.use_attention_mask=false"]
+
+
+@pytest.fixture
+def with_linear_extractor(monkeypatch):
+    """``linear`` selectable by name in fidelity.extractors, beside the real ones."""
+    real = metrics.fidelity_evaluation.build_feature_extractor
+
+    def build(name, *args):
+        return LinearFeatures() if name == "linear" else real(name, *args)
+
+    monkeypatch.setattr(metrics.fidelity_evaluation, "EXTRACTORS", (*EXTRACTORS, "linear"))
+    monkeypatch.setattr(metrics.fidelity_evaluation, "build_feature_extractor", build)
+
+
+def tiny_evaluation(model_dir: Path, root: Path, cache_dir: Path, *overrides: str):
+    module, cfg = load_diffusion_module(
+        model_dir,
+        [*fidelity_overrides(root, cache_dir), "fidelity.num_inference_steps=2", *TINY_MODEL, *overrides],
+    )
+    return module, FidelityEvaluation(cfg, root, 6)
+
+
+def test_features_and_scores_are_full_precision_inside_autocast():
+    extractor = LinearFeatures()
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(images[:, 0, 0], torch.eye(16)).dtype == torch.bfloat16  # autocast is on
+        inside, scores_inside = extractor(images), extractor.finding_scores(images.bfloat16())
+    assert inside.dtype == torch.float64 and scores_inside.dtype == torch.float32
+    assert torch.equal(inside, extractor(images))
+    assert torch.equal(scores_inside, extractor.finding_scores(images.bfloat16().float()))
+
+
+def test_both_fids_come_from_one_generation_and_equal_each_extractor_alone(
+    tiny_model_dir, held_out_root, tmp_path, with_linear_extractor, monkeypatch
+):
+    cache = tmp_path / "cache"
+    module, both = tiny_evaluation(tiny_model_dir, held_out_root, cache, "fidelity.extractors=[domain,linear]")
+    calls = []
+    real_sample = module.sample
+
+    def counting_sample(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real_sample(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(module, "sample", counting_sample)
+    together = both.evaluate(module, both.build_metrics(both.reference())).metrics
+    # M = 6 at batch 4: 2 FID batches (4 + 2 prompts), and 1 diversity prompt x 2 images; nothing generated twice.
+    assert calls == [4, 2, 2]
+    assert {"fid/domain@6", "fid/linear@6"} <= set(together)
+    assert together["fid/domain@6"] != together["fid/linear@6"]
+    for name in ("domain", "linear"):
+        _, alone = tiny_evaluation(tiny_model_dir, held_out_root, cache, f"fidelity.extractors=[{name}]")
+        single = alone.evaluate(module, alone.build_metrics(alone.reference())).metrics
+        assert set(single) & {"fid/domain@6", "fid/linear@6"} == {f"fid/{name}@6"}
+        assert single[f"fid/{name}@6"] == pytest.approx(together[f"fid/{name}@6"], rel=1e-12)
+    assert calls == [4, 2, 2] * 3
+
+
+def test_bf16_autocast_generation_gives_finite_images_and_float64_fid(
+    tiny_model_dir, held_out_root, tmp_path, with_linear_extractor, monkeypatch
+):
+    cache = tmp_path / "cache"
+    module, evaluation = tiny_evaluation(
+        tiny_model_dir, held_out_root, cache, "fidelity.autocast=bf16", "fidelity.extractors=[linear]"
+    )
+    in_unet = []
+    module.unet.register_forward_pre_hook(
+        lambda *_: in_unet.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+    )
+    generated = []
+    real_sample = module.sample
+
+    def recording_sample(*args, **kwargs):
+        generated.append(real_sample(*args, **kwargs))
+        return generated[-1]
+
+    monkeypatch.setattr(module, "sample", recording_sample)
+    metrics = evaluation.build_metrics(evaluation.reference())
+    result = evaluation.evaluate(module, metrics)
+    assert len(generated) == 3 and len(in_unet) == 3 * 2  # 3 sampling calls of 2 DDIM steps
+    assert set(in_unet) == {(True, torch.bfloat16)}
+    assert all(torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1 for images in generated)
+    assert metrics.fids["linear"].fake_features_sum.dtype == torch.float64
+    assert math.isfinite(result.metrics["fid/linear@6"]) and result.metrics["fid/linear@6"] > 0
+    in_unet.clear()
+    settings = evaluation.settings
+    fp32_first_batch = real_sample(evaluation.captions[:4], 2, settings.guidance_scale, settings.seed)
+    assert set(in_unet) == {(False, torch.bfloat16)}  # the default (null): no autocast
+    assert not torch.equal(generated[0], fp32_first_batch)  # bf16 really reached the networks
+    assert (generated[0] - fp32_first_batch).abs().max() < 0.1  # ... and changed them only by rounding
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("fidelity.extractors=[domain,domain]", "distinct names"),
+        ("fidelity.extractors=[fancy]", "fidelity.extractors must be a list"),
+        ("fidelity.extractors=domain", "fidelity.extractors must be a list"),
+        ("fidelity.autocast=fp32", "fidelity.autocast must be one of"),
+    ],
+)
+def test_bad_fidelity_settings_are_named(held_out_root, tmp_path, override, message):
+    cfg = load_config([], [*fidelity_overrides(held_out_root, tmp_path / "cache"), override])
+    with pytest.raises(ValueError, match=message):
+        FidelityEvaluation(cfg, held_out_root, 6)
+
+
+def test_missing_weights_of_every_extractor_are_listed_in_one_error_before_any_work(held_out_root, tmp_path):
+    absent = tmp_path / "absent.pt"
+    cfg = load_config(
+        [],
+        [
+            *fidelity_overrides(held_out_root, tmp_path / "cache"),
+            "fidelity.extractors=[domain,inception,xrv]",
+            f"fidelity.xrv_weights={absent}",
+        ],
+    )
+    with pytest.raises(MissingFeatureExtractorError) as error:
+        FidelityEvaluation(cfg, held_out_root, 6)
+    message = str(error.value)
+    assert "fidelity.inception_weights is not set" in message
+    assert f"fidelity.xrv_weights={absent} does not exist: place " in message
+    assert not (tmp_path / "cache").exists()  # no classifier trained, no reference extracted
