@@ -3,19 +3,27 @@ UNet's training step, and what storing its output would cost on disk, for the de
 
     python bench/text_feature_cost.py
 
-FLOPs are counted by torch's FlopCounterMode on the meta device (no weights, no arithmetic: seconds, any model
-size): the text encoder's forward for one 77-token caption, the UNet's forward + backward for one image. Bytes
-per sample: the encoder's last hidden state (77 x hidden, fp16), the VAE posterior stored by
+FLOPs are counted with torch's FLOP formulas (``counted_flops``) on the meta device (no weights, no arithmetic:
+seconds, any model size): the text encoder's forward for one 77-token caption, the UNet's forward + backward for
+one image. Bytes per sample: the encoder's last hidden state (77 x hidden, fp16), the VAE posterior stored by
 ``datamodules.prepare --latents`` (fp32 mean + log-variance) and the 8-bit PNG at the model's resolution
 (incompressible upper bound; real PNGs are smaller).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from diffusers import UNet2DConditionModel
-from torch.utils.flop_counter import FlopCounterMode
+from sd2_shape import SD2_TEXT_ENCODER, SD2_UNET
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
+
+Result = TypeVar("Result")
 
 TOKENS = 77
 
@@ -39,38 +47,67 @@ MODELS = {
         "latent_channels": 4,
     },
     "SD 2 base (OpenCLIP ViT-H text, 512 px)": {
-        "text": CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
-        "unet": {
-            "sample_size": 64,
-            "block_out_channels": (320, 640, 1280, 1280),
-            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            "layers_per_block": 2,
-            "attention_head_dim": (5, 10, 20, 20),
-            "cross_attention_dim": 1024,
-            "use_linear_projection": True,
-        },
+        "text": CLIPTextConfig(**SD2_TEXT_ENCODER),
+        "unet": SD2_UNET,
         "resolution": 512,
         "latent_channels": 4,
     },
 }
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Model FLOPs: the four products of attention's backward (twice the forward), as the meta device's math
+    path counts them; the fused kernel also recomputes the scores, which torch's CUDA formulas count."""
+    return 2 * sdpa_flop_count(query, key, value)
+
+
+# torch's formulas (matrix products, convolutions, the CUDA attention kernels) and the CPU attention kernel, which
+# torch's table lacks (CPU attention would count as 0 FLOPs).
+FLOP_FORMULAS = flop_registry | {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_cpu_attention_flops),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_cpu_attention_backward_flops),
+}
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of every op run under it, by torch's own formulas: FlopCounterMode's arithmetic without its
+    per-module bookkeeping, which costs several times the ops' own time on a small model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = FLOP_FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            self.by_op[str(func._overloadpacket)] += formula(*args, **kwargs, out_val=out)
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+
+def counted_flops(run: Callable[[], Result]) -> tuple[Result, int]:
+    """``run()``'s result and the FLOPs it executed, on any device, the meta device included (gradient
+    checkpointing's recomputation counts)."""
+    with FlopCount() as counter:
+        result = run()
+    return result, counter.total
+
+
 def text_encoder_flops(config) -> int:
     with torch.device("meta"):
         model = (BertModel if isinstance(config, BertConfig) else CLIPTextModel)(config).eval()
         tokens = torch.zeros(1, TOKENS, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(tokens)
-    return counter.get_total_flops()
+    with torch.no_grad():
+        return counted_flops(lambda: model(tokens))[1]
 
 
 def unet_training_flops(unet_config: dict, hidden_size: int) -> int:
@@ -80,9 +117,7 @@ def unet_training_flops(unet_config: dict, hidden_size: int) -> int:
         latents = torch.zeros(1, 4, size, size)
         text = torch.zeros(1, TOKENS, hidden_size)
         timestep = torch.zeros(1, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        unet(latents, timestep, text).sample.float().pow(2).mean().backward()
-    return counter.get_total_flops()
+    return counted_flops(lambda: unet(latents, timestep, text).sample.float().pow(2).mean().backward())[1]
 
 
 def main() -> None:
