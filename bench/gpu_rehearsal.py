@@ -28,7 +28,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse
 import gc
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +37,6 @@ import real_shape_rehearsal as rehearsal
 import sd2_shape
 import torch
 from sd2_shape import PeakMemory
-from train_throughput import quiet_lightning
 
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
@@ -153,10 +151,7 @@ def timed_after_warmup(device: torch.device, run, warmup) -> tuple[float, int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_lightning()
-    warnings.filterwarnings("ignore", message=".*low cpu memory usage.*")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sd2_shape.quiet_process(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory(prefix="sd2-shape-") as scratch:

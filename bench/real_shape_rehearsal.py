@@ -41,7 +41,6 @@ import gc
 import json
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -53,7 +52,7 @@ import torch
 from safetensors.torch import save_file
 from sd2_shape import PeakMemory, Shape, StepClock, clock
 from text_feature_cost import counted_flops
-from train_throughput import in_memory_loader, lightning_trainer, quiet_lightning
+from train_throughput import in_memory_loader, lightning_trainer
 
 from grounding.phrase_grounding import HeatmapSettings, phrase_grounding_heatmaps
 from lightning_modules.components import SD_LATENT_SCALE
@@ -343,10 +342,7 @@ def paper_scale_flops(shape: Shape) -> dict[str, tuple[str, int, int]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_lightning()
-    warnings.filterwarnings("ignore", message=".*low cpu memory usage.*")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sd2_shape.quiet_process(args.threads)
     shape, resolution, batch_size = args.shape, args.resolution, args.batch_size
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="sd2-shape-") as scratch:

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import lightning as L
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from offline_tokenizer import build_byte_level_bpe
+from train_throughput import quiet_lightning
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from configs import load_config
@@ -134,6 +136,14 @@ class Shape:
 
 SD2 = Shape("SD-2 base")
 TINY = Shape("SD-2 structure, tiny widths", width_divisor=8, text_layers=2, norm_num_groups=8, full_vocabulary=False)
+
+
+def quiet_process(threads: int | None) -> None:
+    """What both SD-2-shape benches set first: quiet Lightning and diffusers, and the CPU thread count if given."""
+    quiet_lightning()
+    warnings.filterwarnings("ignore", message=".*low cpu memory usage.*")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def build_parts(shape: Shape, resolution: int, seed: int = 0) -> DiffusionParts:

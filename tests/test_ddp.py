@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 
 
-def run_train(overrides: list[str], cwd: Path, timeout: float = 600) -> Path:
-    """train.py in a subprocess; past ``timeout`` seconds the whole process group (the DDP ranks Lightning
+def run_with_timeout(arguments: list[str], cwd: Path, timeout: float) -> None:
+    """A Python script in a subprocess; past ``timeout`` seconds the whole process group (the DDP ranks Lightning
     launched included) is killed and the test fails: a hang is an error, never a blocked CI job."""
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
     env.pop("CXR_DIFFUSION_RUN_NAME", None)
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *overrides],
+        [sys.executable, *arguments],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -46,8 +46,13 @@ def run_train(overrides: list[str], cwd: Path, timeout: float = 600) -> Path:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"train.py did not finish in {timeout} s (a hang?)\n{stdout[-2000:]}{stderr[-4000:]}")
+        pytest.fail(f"{arguments[0]} did not finish in {timeout} s (a hang?)\n{stdout[-2000:]}{stderr[-4000:]}")
     assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+
+
+def run_train(overrides: list[str], cwd: Path, timeout: float = 600) -> Path:
+    """train.py in a subprocess with a timeout (``run_with_timeout``); returns its run folder."""
+    run_with_timeout([str(REPO / "train.py"), *overrides], cwd, timeout)
     (run_dir,) = (cwd / "runs").iterdir()
     return run_dir
 

@@ -1,17 +1,11 @@
 """Two CPU processes (DDP over gloo): each rank draws its own timesteps and noise, and a resumed run replays both."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+from tests.test_ddp import DDP, REPO, run_with_timeout
 
 # train.py with the UNet's training calls recorded per rank (Lightning relaunches this very script for rank 1).
 RECORDING_SCRIPT = """
@@ -37,27 +31,9 @@ train.main(sys.argv[2:])
 
 
 def run_recorded(script: Path, record: Path, overrides: list[str], cwd: Path, timeout: float = 300) -> None:
-    """The script in a subprocess; past ``timeout`` s the process group is killed and the test fails (a hang)."""
+    """The recording script in a subprocess, killed and failed past ``timeout`` s (a hang)."""
     record.mkdir(parents=True, exist_ok=True)
-    cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("CXR_DIFFUSION_RUN_NAME", None)
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(record), *overrides],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"training did not finish in {timeout} s (a hang?)\n{stdout[-2000:]}{stderr[-4000:]}")
-    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    run_with_timeout([str(script), str(record), *overrides], cwd, timeout)
 
 
 def timesteps(record: Path, rank: int) -> list[str]:
