@@ -352,11 +352,11 @@ def run_stages(cfg: DictConfig) -> dict[str, Path]:
     if data_report.is_file():  # what the data left out: the same counts as the data log and W&B
         outputs["data_report"] = data_report
         for line in describe_data_report(json.loads(data_report.read_text())):
-            report_line(f"  {'data':<11}{line}")
+            report_line(f"  {'data':<13}{line}")
     for name, path in outputs.items():
-        report_line(f"  {name:<11}{path}")
+        report_line(f"  {name:<13}{path}")
     if (run_dir / "wandb").is_dir():
-        report_line(f"  {'wandb':<11}{run_dir / 'wandb'}  (offline: `wandb sync {run_dir / 'wandb'}/offline-run-*`)")
+        report_line(f"  {'wandb':<13}{run_dir / 'wandb'}  (offline: `wandb sync {run_dir / 'wandb'}/offline-run-*`)")
     return outputs
 
 
