@@ -237,16 +237,11 @@ class FidelityEvaluation:
         return FidelityResult({}, samples, sample_captions)
 
     def evaluate(
-        self,
-        module: LatentDiffusionModule,
-        metrics: FidelityMetrics,
-        rank: int = 0,
-        world_size: int = 1,
-        progress: bool = False,
+        self, module: LatentDiffusionModule, metrics: FidelityMetrics, progress: bool = False
     ) -> FidelityResult:
-        """``update_share``, then the metrics synced over processes (every process must call it)."""
-        result = self.update_share(module, metrics, rank, world_size, progress)
-        return replace(result, metrics=metrics.compute())
+        """All M images on this one process, and the metrics (``evaluate.py``; in training ``FIDCallback`` shares
+        the images out with ``update_share`` and lets the processes agree before they sync)."""
+        return replace(self.update_share(module, metrics, progress=progress), metrics=metrics.compute())
 
 
 # ------------------------------------------------------------------------------------------------- command line
