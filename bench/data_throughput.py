@@ -37,7 +37,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from train_throughput import clock, lightning_trainer, quiet_lightning
+from train_throughput import clock, fill_from_preset, lightning_trainer, quiet_lightning
 
 from configs import load_config
 from datamodules.cxr_datamodule import resolve_data_root
@@ -82,9 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"seconds, for tests: {QUICK}")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.resolution=64")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_from_preset(args, QUICK if args.quick else FULL)
     if any(value < 1 for value in (args.steps, args.warmup_steps, args.repeats, args.loader_batches)):
         parser.error("--steps, --warmup-steps, --repeats and --loader-batches must be at least 1")
     model = TINY_MODEL if args.model == "tiny" else []

@@ -37,6 +37,7 @@ import real_shape_rehearsal as rehearsal
 import sd2_shape
 import torch
 from sd2_shape import PeakMemory
+from train_throughput import fill_from_preset
 
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
@@ -83,9 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     preset = QUICK if args.quick else FULL
     args.shape = preset["shape"]
     sizes = ("resolution", "max_batch_size", "steps", "warmup_steps", "grounding_pairs", "fid_images", "fid_steps")
-    for key in sizes:
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    fill_from_preset(args, preset, sizes)
     if min(getattr(args, key) for key in sizes) < 1:
         parser.error("sizes and step counts must be at least 1")
     return args

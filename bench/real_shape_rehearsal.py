@@ -52,7 +52,7 @@ import torch
 from safetensors.torch import save_file
 from sd2_shape import PeakMemory, Shape, StepClock, clock
 from text_feature_cost import counted_flops
-from train_throughput import in_memory_loader, lightning_trainer
+from train_throughput import fill_from_preset, in_memory_loader, lightning_trainer
 
 from grounding.phrase_grounding import HeatmapSettings, phrase_grounding_heatmaps
 from lightning_modules.components import SD_LATENT_SCALE
@@ -98,9 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.shape = preset["shape"]
-    for key in ("resolution", "batch_size", "fid_images", "fid_steps"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    fill_from_preset(args, preset, ("resolution", "batch_size", "fid_images", "fid_steps"))
     if not 0 < args.mfu <= 1:
         parser.error("--mfu must be in (0, 1]")
     return args

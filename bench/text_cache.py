@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
+from train_throughput import fill_from_preset
 
 from configs import load_config
 from lightning_modules.latent_diffusion import LatentDiffusionModule, text_feature_batch_size
@@ -61,9 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"seconds, for tests: {QUICK}, {QUICK_SIZES}")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.batch_size=32")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_from_preset(args, QUICK if args.quick else FULL)
     if min(args.steps, args.warmup_steps + 1, args.repeats, args.threads or 1) < 1:
         parser.error("--steps, --repeats and --threads must be at least 1, --warmup-steps at least 0")
     sizes = QUICK_SIZES if args.quick else []

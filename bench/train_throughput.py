@@ -66,6 +66,14 @@ QUICK = {"steps": 3, "warmup_steps": 1, "repeats": 3}
 QUICK_SIZES = ["data.resolution=32", "data.batch_size=4"]
 
 
+def fill_from_preset(args: argparse.Namespace, preset: dict, keys: Sequence[str] | None = None) -> None:
+    """Every option of ``keys`` (default: all of the preset's) left unset on the command line takes the preset's
+    value (the quick or the full run's)."""
+    for key in preset if keys is None else keys:
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help=f"timed steps per run (default {FULL['steps']})")
@@ -77,10 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help=f"where time goes, even at ratio >= {GOAL}")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.resolution=128")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_from_preset(args, QUICK if args.quick else FULL)
     counts = [args.steps, args.warmup_steps, args.repeats, args.batch_size, args.threads]
     if any(count is not None and count < 1 for count in counts):
         parser.error("--steps, --warmup-steps, --repeats, --batch-size and --threads must be at least 1")

@@ -33,8 +33,16 @@ def tiny_batches(count: int) -> list[dict]:
     ]
 
 
-def fit_steps(module: LatentDiffusionModule, batches: list[dict], tmp_path: Path, *callbacks: L.Callback) -> L.Trainer:
-    """One pass of ``trainer.fit`` over ``batches`` (one optimizer step each) without loggers or checkpoints."""
+def fit_steps(
+    module: LatentDiffusionModule,
+    batches: list[dict],
+    tmp_path: Path,
+    *callbacks: L.Callback,
+    val_batches: list[dict] | None = None,
+    **trainer_options,
+) -> L.Trainer:
+    """One pass of ``trainer.fit`` over ``batches`` (one optimizer step each) without loggers or checkpoints;
+    ``trainer_options`` (precision, validation schedule, ...) go to the Trainer."""
     trainer = L.Trainer(
         max_steps=len(batches),
         accelerator="cpu",
@@ -44,8 +52,10 @@ def fit_steps(module: LatentDiffusionModule, batches: list[dict], tmp_path: Path
         enable_model_summary=False,
         callbacks=list(callbacks),
         default_root_dir=tmp_path,
+        **trainer_options,
     )
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    validation = None if val_batches is None else DataLoader(val_batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), val_dataloaders=validation)
     return trainer
 
 
@@ -227,21 +237,16 @@ def test_a_checkpoint_written_while_evaluating_holds_the_training_weights(tiny_o
     calls = []  # which UNet ran, and with autograd (training steps) or without (validation, sampling)
     module.unet.register_forward_pre_hook(lambda *_: calls.append(("training", torch.is_grad_enabled())))
     module.ema.copies["unet"].register_forward_pre_hook(lambda *_: calls.append(("ema", torch.is_grad_enabled())))
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    fit_steps(
+        module,
+        tiny_batches(3),
+        tmp_path,
+        midway,
+        val_batches=tiny_batches(1),
         val_check_interval=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        callbacks=[midway],
-        default_root_dir=tmp_path,
     )
-    batches = DataLoader(tiny_batches(3), batch_size=None)
-    trainer.fit(module, train_dataloaders=batches, val_dataloaders=DataLoader(tiny_batches(1), batch_size=None))
     saved = torch.load(midway.path, map_location="cpu", weights_only=True)
     unet_weights = {k.removeprefix("unet."): v for k, v in saved["state_dict"].items() if k.startswith("unet.")}
     assert unet_weights.keys() == midway.training_weights.keys()

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import csv
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
-from torch.utils.data import DataLoader
 
 import train
 from lightning_modules.latent_diffusion import LatentDiffusionModule
-from tests.test_latent_diffusion import CAPTIONS, tiny_batches, tiny_module
+from tests.test_latent_diffusion import CAPTIONS, fit_steps, tiny_batches, tiny_module
 
 SMALL_TIMESTEPS = torch.arange(11)  # t = 0 ... 10, where bf16 noising is worst
 
@@ -117,17 +115,7 @@ def test_bf16_mixed_training_noises_in_fp32_inside_lightning(tiny_overrides, mon
     recorder = Recorder(module, monkeypatch)
     encoder_outputs = []
     module.vae.encoder.register_forward_hook(lambda *args: encoder_outputs.append(args[-1].dtype))
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        precision="bf16-mixed",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(tiny_batches(2), batch_size=None))
+    fit_steps(module, tiny_batches(2), tmp_path, precision="bf16-mixed")
 
     assert encoder_outputs == [torch.bfloat16] * 2  # autocast was on: without the fix the latents were bf16
     assert len(recorder.unet_inputs) == len(recorder.latents) == 2
