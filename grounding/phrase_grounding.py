@@ -16,6 +16,7 @@ Both return one heatmap per item, the mean over recorded steps, layers and the p
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +42,8 @@ class HeatmapSettings:
         last_k_steps: K, attention is recorded at the last K steps of the schedule.
         layer_resolutions: record only cross-attention layers whose map side is listed; None → all layers.
         resolution: common heatmap size every layer's map is resized to; None → the latent size.
-        seed: seeds the forward-noising noise (phrase grounding) or the sampling noise (generation).
+        seed: with each item's image id and phrase, seeds its forward-noising noise (phrase grounding); seeds the
+            sampling noise (generation).
     """
 
     num_inference_steps: int = 50
@@ -73,15 +75,22 @@ def phrase_token_indices(
     ]
 
 
-def forward_noising_noise(batch_size: int, latent_shape: Sequence[int], num_steps: int, seed: int) -> torch.Tensor:
+def item_noise_seed(seed: int, image_id: str, phrase: str) -> int:
+    """A 63-bit seed from (seed, image id, phrase): stable across runs, machines and Python versions (sha256, not
+    ``hash``), so each pair gets its own noise and one draw cannot bias every heatmap the same way."""
+    digest = hashlib.sha256(f"{seed}\x00{image_id}\x00{phrase}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def forward_noising_noise(latent_shape: Sequence[int], num_steps: int, seeds: Sequence[int]) -> torch.Tensor:
     """Noise for the recorded steps, (num_steps, batch, *latent_shape), on the CPU.
 
-    Every item draws its own (num_steps, *latent_shape) block from a generator seeded with ``seed``, so an
+    Item i draws its own (num_steps, *latent_shape) block from a generator seeded with ``seeds[i]``, so an
     item's heatmap depends neither on its batch nor on the process (DDP shard) that evaluates it.
     """
     blocks = [
-        torch.randn((num_steps, *latent_shape), generator=torch.Generator().manual_seed(seed))
-        for _ in range(batch_size)
+        torch.randn((num_steps, *latent_shape), generator=torch.Generator().manual_seed(item_seed))
+        for item_seed in seeds
     ]
     return torch.stack(blocks, dim=1)
 
@@ -93,15 +102,19 @@ def phrase_grounding_heatmaps(
     phrases: Sequence[str],
     categories: Sequence[str | None],
     settings: HeatmapSettings,
+    image_ids: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Heatmaps of each phrase on its real image: (batch, R, R), unnormalised (the metrics normalise).
 
     ``pixel_values``: (batch, 3, H, W) in [-1, 1], as ``datamodules.mscxr.load_grounding_sample`` gives.
+    ``image_ids`` (e.g. MS-CXR dicom ids) seed each item's noise with its phrase (``item_noise_seed``); without
+    them the same phrase gets the same noise on every image.
     """
-    if not len(pixel_values) == len(phrases) == len(categories):
+    image_ids = [""] * len(phrases) if image_ids is None else list(image_ids)
+    if not len(pixel_values) == len(phrases) == len(categories) == len(image_ids):
         raise ValueError(
-            f"phrase_grounding_heatmaps got {len(pixel_values)} images, {len(phrases)} phrases and "
-            f"{len(categories)} categories; expected one of each per item"
+            f"phrase_grounding_heatmaps got {len(pixel_values)} images, {len(phrases)} phrases, "
+            f"{len(categories)} categories and {len(image_ids)} image ids; expected one of each per item"
         )
     parts = module.evaluation_parts()
     unet, vae = parts.unet, parts.vae
@@ -112,7 +125,10 @@ def phrase_grounding_heatmaps(
     scheduler = sampling_scheduler(module.noise_scheduler)
     scheduler.set_timesteps(settings.num_inference_steps)
     steps = settings.recorded_steps
-    noise = forward_noising_noise(len(latents), latents.shape[1:], len(steps), settings.seed).to(latents)
+    seeds = [
+        item_noise_seed(settings.seed, image_id, phrase) for image_id, phrase in zip(image_ids, phrases, strict=True)
+    ]
+    noise = forward_noising_noise(latents.shape[1:], len(steps), seeds).to(latents)
     with capture_cross_attention(unet, settings.resolution, settings.layer_resolutions) as attention:
         for noise_at_step, step in zip(noise, steps, strict=True):
             timestep = scheduler.timesteps[step]

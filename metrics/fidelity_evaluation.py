@@ -34,7 +34,6 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from callbacks.image_logging import image_grid
 from datamodules.cxr_datamodule import dataset_fingerprint, resolve_data_root
 from datamodules.mimic import CHEXPERT_LABELS, MimicCxrDataset, MimicIndex, build_mimic_index, collate_skipping_bad
 from lightning_modules.devices import add_device_argument
@@ -48,6 +47,7 @@ from metrics.feature_extractors import (
     build_feature_extractor,
 )
 from metrics.fidelity import FidelityMetrics, ReferenceStatistics, reference_cache_file, reference_statistics
+from metrics.pictures import image_grid
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ Per-sample math lives in `metrics.localization`; this torchmetrics wrapper only 
 tensor states reduced by "sum", so results sync across DDP processes and do not depend on how samples
 were split among them. Usage:
 
-    metric = PhraseGroundingMetrics()
+    metric = PhraseGroundingMetrics(conventions=("paper_code", "biovil"))
     metric.update(heatmaps, gt_masks, categories)
     rows = metric.latest_sample_scores  # this batch's per-sample score dicts, e.g. for a CSV
-    results = metric.compute()  # {"iou": ..., "iou/Pleural Effusion": ..., "count": ..., ...}
+    results = metric.compute()  # {"paper_code/iou": ..., "paper_code/iou/Edema": ..., "count": ..., ...}
 """
 
 from collections.abc import Sequence
@@ -16,11 +16,15 @@ import torch
 from torchmetrics import Metric
 
 from datamodules.mscxr import MS_CXR_CATEGORIES
-from metrics.localization import LOCALIZATION_METRICS, iou_threshold_key, localization_scores
+from metrics.grounding_conventions import check_conventions, convention_metric_names, convention_scores
+
+DEFAULT_CONVENTIONS = ("paper_code", "biovil", "method")
 
 
 class PhraseGroundingMetrics(Metric):
-    """Mean localization scores over samples (not over categories), overall and per category.
+    """Mean localization scores over samples, overall and per category, under each metric convention
+    (``metrics.grounding_conventions``); also the mean over categories ("macro"), the average that
+    vios-s/ldm-phrase-grounding's eval scripts print.
 
     A NaN score (e.g. AUC on a one-class mask) is left out of that metric's mean only; the sample still
     counts for the other metrics, and "nan_count/<metric>" says how many were left out.
@@ -39,6 +43,7 @@ class PhraseGroundingMetrics(Metric):
         categories: Sequence[str] = MS_CXR_CATEGORIES,
         thresholds: Sequence[float] = (0.3, 0.5),
         seed: int = 0,
+        conventions: Sequence[str] = DEFAULT_CONVENTIONS,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -49,7 +54,8 @@ class PhraseGroundingMetrics(Metric):
         self.categories = tuple(categories)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.seed = seed
-        self.metric_names = LOCALIZATION_METRICS + tuple(iou_threshold_key(t) for t in self.thresholds)
+        self.conventions = check_conventions(conventions)
+        self.metric_names = convention_metric_names(self.conventions, self.thresholds)
         shape = (len(self.metric_names), len(self.categories))
         self.add_state("score_sum", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("score_count", torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
@@ -79,7 +85,7 @@ class PhraseGroundingMetrics(Metric):
             )
         category_indices = [self._category_index(category) for category in categories]
         rows = [
-            localization_scores(heatmap, gt_mask, self.thresholds, self.seed)
+            convention_scores(heatmap, gt_mask, self.conventions, self.thresholds, self.seed)
             for heatmap, gt_mask in zip(heatmaps, gt_masks, strict=True)
         ]
         for row, category_index in zip(rows, category_indices, strict=True):
@@ -91,15 +97,18 @@ class PhraseGroundingMetrics(Metric):
         self.latest_sample_scores = rows
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Overall and per-category means ("iou", "iou/Edema", ...), sample counts ("count",
-        "count/Edema", ...) and per-metric NaN counts ("nan_count/auc", ...). Categories without
-        samples are left out; a mean over no finite score is NaN."""
+        """Overall and per-category means ("paper_code/iou", "paper_code/iou/Edema", ...), the mean over the
+        categories that have samples ("paper_code/iou/macro"), sample counts ("count", "count/Edema", ...) and
+        per-metric NaN counts ("nan_count/paper_code/auc", ...). Categories without samples are left out; a
+        mean over no finite score is NaN."""
         overall = self.score_sum.sum(dim=1) / self.score_count.sum(dim=1)
         per_category = self.score_sum / self.score_count
         total_samples = self.sample_count.sum()
         results: dict[str, torch.Tensor] = {"count": total_samples}
+        present = self.sample_count > 0
         for metric_index, name in enumerate(self.metric_names):
             results[name] = overall[metric_index]
+            results[f"{name}/macro"] = per_category[metric_index, present].nanmean()
             results[f"nan_count/{name}"] = total_samples - self.score_count[metric_index].sum()
         for category_index, category in enumerate(self.categories):
             if self.sample_count[category_index] == 0:

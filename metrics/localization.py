@@ -1,8 +1,9 @@
 """Per-sample phrase-grounding localization metrics: how well a heatmap P points at a ground-truth mask.
 
-Definitions follow /work/shared/method.md, "Localization metrics" (Dombrowski et al., arXiv 2303.17908).
-Every function takes one 2-D heatmap and/or one 2-D boolean mask; `localization_scores` computes all
-of them for one sample, `metrics.grounding_metrics.PhraseGroundingMetrics` aggregates them.
+These are the building blocks and our own ("method") convention: docs/method.md, "Localization metrics"
+(Dombrowski et al., arXiv 2303.17908). Every function takes one 2-D heatmap and/or one 2-D boolean mask;
+`localization_scores` computes all of them for one sample; `metrics.grounding_conventions` puts them next
+to the published conventions; `metrics.grounding_metrics.PhraseGroundingMetrics` aggregates them.
 
 Conventions shared by all functions:
 - P is min-max normalised to [0, 1]; a constant map becomes all zeros.
@@ -14,6 +15,7 @@ Conventions shared by all functions:
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ def _check_2d(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a 2-D tensor (H, W), got {shape}")
 
 
-def _as_bool_mask(mask: torch.Tensor, name: str) -> torch.Tensor:
+def as_bool_mask(mask: torch.Tensor, name: str) -> torch.Tensor:
     """Accept a bool mask or one holding only 0/1 (as uint8 or float masks do)."""
     _check_2d(mask, name)
     if mask.dtype == torch.bool:
@@ -67,20 +69,40 @@ def heatmap_at_mask_size(p: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return normalize_heatmap(p)
 
 
-def gmm_threshold(p: torch.Tensor, seed: int = 0) -> float:
-    """Threshold separating a map's low and high values: the mean of the two means of a 2-component
-    Gaussian mixture fitted to its values (sklearn, seeded, so the same map gives the same threshold).
+@dataclass(frozen=True)
+class GmmFit:
+    """A fitted 2-component Gaussian mixture and its threshold (the mean of the two means).
 
-    With fewer than three distinct values no fit is needed: the two components are the values
-    themselves, so the threshold is the midpoint of min and max (the value itself for a constant map).
+    ``mixture`` is None when the map holds fewer than three distinct values: the two components are then the
+    values themselves, so the threshold is the midpoint of min and max (the value itself for a constant map).
+    """
+
+    threshold: float
+    mixture: GaussianMixture | None
+
+
+def fit_gmm(p: torch.Tensor, seed: int = 0, start: GmmFit | None = None) -> GmmFit:
+    """The GMM of a map's values (sklearn, seeded, so the same map gives the same threshold).
+
+    ``start``: a fit of a smaller version of the map (e.g. before upsampling) to start EM from instead of
+    k-means; on an upsampled map EM then converges in a few iterations instead of a full k-means + EM run.
     """
     _check_2d(p, "heatmap")
     values = p.detach().to(torch.float64).cpu().numpy().reshape(-1, 1)
     low, high = values.min(), values.max()
     if np.all((values == low) | (values == high)):
-        return float((low + high) / 2)
-    mixture = GaussianMixture(n_components=2, random_state=seed).fit(values)
-    return float(mixture.means_.mean())
+        return GmmFit(float((low + high) / 2), None)
+    initial = {}
+    if start is not None and start.mixture is not None:
+        fitted = start.mixture
+        initial = {"means_init": fitted.means_, "weights_init": fitted.weights_, "precisions_init": fitted.precisions_}
+    mixture = GaussianMixture(n_components=2, random_state=seed, **initial).fit(values)
+    return GmmFit(float(mixture.means_.mean()), mixture)
+
+
+def gmm_threshold(p: torch.Tensor, seed: int = 0) -> float:
+    """Threshold separating a map's low and high values: see ``fit_gmm``."""
+    return fit_gmm(p, seed).threshold
 
 
 def remove_isolated_pixels(mask: torch.Tensor) -> torch.Tensor:
@@ -90,15 +112,15 @@ def remove_isolated_pixels(mask: torch.Tensor) -> torch.Tensor:
     Border rule: pixels outside the image count as off. Note that a rectangle loses its 4 corner pixels
     (each sees only 4 of 9 on), wherever it lies.
     """
-    mask = _as_bool_mask(mask, "mask")
+    mask = as_bool_mask(mask, "mask")
     on_counts = ndimage.convolve(mask.cpu().numpy().astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant")
     return mask & torch.from_numpy(on_counts >= 5).to(mask.device)
 
 
 def iou(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> float:
     """Intersection over union of two masks; NaN when both are empty (0/0)."""
-    pred_mask = _as_bool_mask(pred_mask, "pred_mask")
-    gt_mask = _as_bool_mask(gt_mask, "gt_mask")
+    pred_mask = as_bool_mask(pred_mask, "pred_mask")
+    gt_mask = as_bool_mask(gt_mask, "gt_mask")
     if pred_mask.shape != gt_mask.shape:
         raise ValueError(f"pred_mask {tuple(pred_mask.shape)} and gt_mask {tuple(gt_mask.shape)} differ in size")
     union = (pred_mask | gt_mask).sum().item()
@@ -113,8 +135,8 @@ def miou_fg_bg(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> float:
     This is the reference code's "mIoU" (chest-distillation), reported in the paper; it is not the mIoU
     of other grounding papers (e.g. BioViL's), which averages IoU over thresholds or classes.
     """
-    pred_mask = _as_bool_mask(pred_mask, "pred_mask")
-    gt_mask = _as_bool_mask(gt_mask, "gt_mask")
+    pred_mask = as_bool_mask(pred_mask, "pred_mask")
+    gt_mask = as_bool_mask(gt_mask, "gt_mask")
     return (iou(pred_mask, gt_mask) + iou(~pred_mask, ~gt_mask)) / 2
 
 
@@ -124,7 +146,7 @@ def _binarise_and_clean(p_normalised: torch.Tensor, threshold: float) -> torch.T
 
 def grounding_iou(p: torch.Tensor, gt: torch.Tensor, seed: int = 0) -> float:
     """The paper's IoU: P binarised at its GMM threshold, isolated pixels removed, IoU with the mask."""
-    gt = _as_bool_mask(gt, "gt_mask")
+    gt = as_bool_mask(gt, "gt_mask")
     p = heatmap_at_mask_size(p, gt)
     return iou(_binarise_and_clean(p, gmm_threshold(p, seed)), gt)
 
@@ -132,14 +154,14 @@ def grounding_iou(p: torch.Tensor, gt: torch.Tensor, seed: int = 0) -> float:
 def iou_at_threshold(p: torch.Tensor, gt: torch.Tensor, threshold: float) -> float:
     """IoU with P binarised at a fixed threshold on the normalised map instead of the GMM's; isolated
     pixels are removed as for `grounding_iou`, so the two differ only in the threshold."""
-    gt = _as_bool_mask(gt, "gt_mask")
+    gt = as_bool_mask(gt, "gt_mask")
     return iou(_binarise_and_clean(heatmap_at_mask_size(p, gt), threshold), gt)
 
 
 def pixel_auc(p: torch.Tensor, gt: torch.Tensor) -> float:
     """Pixel-level ROC AUC of P against the mask (sklearn). A constant map gives 0.5 (all ties).
     NaN when the mask holds only one class (all in or all out): ROC AUC is undefined there."""
-    gt = _as_bool_mask(gt, "gt_mask")
+    gt = as_bool_mask(gt, "gt_mask")
     labels = gt.cpu().numpy().ravel()
     if labels.all() or not labels.any():
         return math.nan
@@ -153,7 +175,7 @@ def cnr(p: torch.Tensor, gt: torch.Tensor) -> float:
     Zero denominator: 0.0 when there is no contrast either (a constant map), NaN otherwise (a perfectly
     two-valued map: the ratio is unbounded). NaN when the mask holds only one class.
     """
-    gt = _as_bool_mask(gt, "gt_mask")
+    gt = as_bool_mask(gt, "gt_mask")
     p = heatmap_at_mask_size(p, gt)
     inside, outside = p[gt], p[~gt]
     if inside.numel() == 0 or outside.numel() == 0:
@@ -170,19 +192,24 @@ def pointing_game(p: torch.Tensor, gt: torch.Tensor) -> float:
 
     Ties: the first maximum in row-major order counts, so a constant map points at the top-left pixel.
     """
-    gt = _as_bool_mask(gt, "gt_mask")
+    gt = as_bool_mask(gt, "gt_mask")
     p = heatmap_at_mask_size(p, gt)
     return float(gt.reshape(-1)[torch.argmax(p.reshape(-1))].item())
 
 
 def localization_scores(
-    p: torch.Tensor, gt: torch.Tensor, thresholds: Sequence[float] = (0.3, 0.5), seed: int = 0
+    p: torch.Tensor,
+    gt: torch.Tensor,
+    thresholds: Sequence[float] = (0.3, 0.5),
+    seed: int = 0,
+    gmm: GmmFit | None = None,
 ) -> dict[str, float]:
     """All localization metrics of one (heatmap, mask) sample: "iou", "miou", "auc", "cnr", "pointing"
-    and one "iou@<t>" per fixed threshold. "iou" and "miou" share one GMM binarisation."""
-    gt = _as_bool_mask(gt, "gt_mask")
+    and one "iou@<t>" per fixed threshold. "iou" and "miou" share one GMM binarisation (``gmm``: the fit of
+    the map at the mask's size when the caller has it already)."""
+    gt = as_bool_mask(gt, "gt_mask")
     p = heatmap_at_mask_size(p, gt)
-    prediction = _binarise_and_clean(p, gmm_threshold(p, seed))
+    prediction = _binarise_and_clean(p, (gmm or fit_gmm(p, seed)).threshold)
     scores = {
         "iou": iou(prediction, gt),
         "miou": miou_fg_bg(prediction, gt),

@@ -211,15 +211,16 @@ def grounding_samples() -> tuple[list[torch.Tensor], list[torch.Tensor], list[st
 
 def test_phrase_grounding_metrics_means_overall_and_per_category():
     heatmaps, masks, categories = grounding_samples()
-    metric = PhraseGroundingMetrics()
+    metric = PhraseGroundingMetrics(conventions=("method",))
     metric.update(heatmaps, masks, categories)
-    rows = metric.latest_sample_scores
+    rows = [{name.removeprefix("method/"): value for name, value in row.items()} for row in metric.latest_sample_scores]
     assert [row["pointing"] for row in rows] == [1.0, 0.0, 1.0, 0.0]
-    results = metric.compute()
+    results = {name.replace("method/", ""): value for name, value in metric.compute().items()}
 
     assert results["pointing"].item() == pytest.approx(0.5)  # mean over samples ...
     assert results["pointing/Edema"].item() == pytest.approx(2 / 3)
-    assert results["pointing/Pneumothorax"].item() == 0.0  # ... not the mean of categories (1/3)
+    assert results["pointing/Pneumothorax"].item() == 0.0  # ... not the mean of categories (1/3) ...
+    assert results["pointing/macro"].item() == pytest.approx(1 / 3)  # ... which is reported beside it
     for name in ("iou", "miou", "auc", "cnr", "iou@0.3", "iou@0.5"):
         assert results[name].item() == pytest.approx(sum(row[name] for row in rows) / 4)
         assert results[f"{name}/Edema"].item() == pytest.approx(sum(row[name] for row in rows[:3]) / 3)
@@ -245,14 +246,18 @@ def test_split_updates_merge_to_the_same_result():
 
 def test_nan_auc_is_left_out_of_its_mean_only():
     heatmaps, masks, categories = grounding_samples()
-    metric = PhraseGroundingMetrics()
+    metric = PhraseGroundingMetrics(conventions=("method",))
+
+    def unprefixed(scores: dict) -> dict:
+        return {name.replace("method/", ""): value for name, value in scores.items()}
+
     metric.update(heatmaps, masks, categories)
-    rows = list(metric.latest_sample_scores)
+    rows = [unprefixed(row) for row in metric.latest_sample_scores]
     one_class_mask = torch.zeros(16, 16, dtype=torch.bool)  # AUC and CNR undefined
     metric.update([blob(16, 16, 5, 5)], [one_class_mask], ["Pneumothorax"])
-    extra = metric.latest_sample_scores[0]
+    extra = unprefixed(metric.latest_sample_scores[0])
     assert math.isnan(extra["auc"]) and not math.isnan(extra["pointing"])
-    results = metric.compute()
+    results = unprefixed(metric.compute())
 
     assert results["count"].item() == 5
     assert results["nan_count/auc"].item() == 1 and results["nan_count/iou"].item() == 0

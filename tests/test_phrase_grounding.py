@@ -4,13 +4,30 @@ import pytest
 import torch
 
 from datamodules.mscxr import load_grounding_sample, read_ms_cxr
-from grounding.phrase_grounding import HeatmapSettings, generation_heatmaps, phrase_grounding_heatmaps
+from grounding.phrase_grounding import (
+    HeatmapSettings,
+    generation_heatmaps,
+    item_noise_seed,
+    phrase_grounding_heatmaps,
+)
 from lightning_modules.components import sampling_scheduler
 from lightning_modules.loading import load_diffusion_module
 
 TINY_MODEL_OVERRIDES = ["model.text_encoder.max_length=16", "model.text_encoder.use_attention_mask=false"]
 SETTINGS = HeatmapSettings(num_inference_steps=10, last_k_steps=4, seed=3)
 PHRASE, CATEGORY = "small left pleural effusion", "Pleural Effusion"
+IMAGE_IDS = ("dicom-a", "dicom-b")
+KNOWN_SEED = 7205395516723060086  # item_noise_seed(0, "dicom-a", "a") when this was written
+
+
+def expected_noise(num_steps: int, latent_shape: torch.Size) -> list[torch.Tensor]:
+    """Each item's (num_steps, *latent_shape) noise, drawn from its own seed (seed, image id, phrase)."""
+    return [
+        torch.randn(
+            (num_steps, *latent_shape), generator=torch.Generator().manual_seed(item_noise_seed(3, image, PHRASE))
+        )
+        for image in IMAGE_IDS
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +54,18 @@ def test_unet_sees_the_real_latent_forward_noised_with_fresh_seeded_noise_at_the
 
     hook = module.unet.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        phrase_grounding_heatmaps(module, two_xrays, [PHRASE, PHRASE], [CATEGORY, CATEGORY], SETTINGS)
+        phrase_grounding_heatmaps(module, two_xrays, [PHRASE, PHRASE], [CATEGORY, CATEGORY], SETTINGS, IMAGE_IDS)
     finally:
         hook.remove()
 
-    # Independent manual computation: posterior mean, DDIM timesteps, per-item noise seeded with the seed.
+    # Independent manual computation: posterior mean, DDIM timesteps, per-item noise seeded by (seed, image, phrase).
     with torch.no_grad():
         latents = module.vae.encode(two_xrays).latent_dist.mean * module.vae.config.scaling_factor
         text = module.encode_text([PHRASE, PHRASE])
     scheduler = sampling_scheduler(module.noise_scheduler)
     scheduler.set_timesteps(SETTINGS.num_inference_steps)
     k = SETTINGS.last_k_steps
-    noise = [torch.randn((k, *latents.shape[1:]), generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    noise = expected_noise(k, latents.shape[1:])
     alphas_cumprod = module.noise_scheduler.alphas_cumprod
 
     assert len(calls) == k
@@ -59,6 +76,24 @@ def test_unet_sees_the_real_latent_forward_noised_with_fresh_seeded_noise_at_the
         torch.testing.assert_close(noisy, expected)
         torch.testing.assert_close(text_features, text)
     assert not torch.allclose(calls[0][0], calls[1][0])  # fresh noise every step
+
+
+def test_each_item_has_its_own_noise_seed_stable_across_versions():
+    seeds = {item_noise_seed(seed, image, phrase) for seed in (0, 1) for image in IMAGE_IDS for phrase in ("a", "b")}
+    assert len(seeds) == 8 and all(0 <= seed < 2**63 for seed in seeds)
+    assert item_noise_seed(0, "dicom-a", "a") == item_noise_seed(0, "dicom-a", "a")
+    # sha256-derived, so a stored result keeps its noise on every machine and Python version
+    assert item_noise_seed(0, "dicom-a", "a") == KNOWN_SEED
+
+
+def test_same_image_ids_give_the_same_noise_whatever_the_batch_order(module, two_xrays):
+    forward = phrase_grounding_heatmaps(module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, SETTINGS, IMAGE_IDS)
+    backward = phrase_grounding_heatmaps(
+        module, two_xrays.flip(0), [PHRASE] * 2, [CATEGORY] * 2, SETTINGS, IMAGE_IDS[::-1]
+    )
+    torch.testing.assert_close(forward, backward.flip(0))
+    swapped = phrase_grounding_heatmaps(module, two_xrays, [PHRASE] * 2, [CATEGORY] * 2, SETTINGS, IMAGE_IDS[::-1])
+    assert not torch.allclose(forward, swapped)  # the noise follows the id, not the position
 
 
 def test_same_seed_gives_identical_heatmaps_another_seed_different_ones(module, two_xrays):
@@ -119,16 +154,13 @@ def test_forward_noising_is_float32_with_a_bf16_vae(tiny_model_dir: Path, two_xr
     seen = []
     hook = module.unet.register_forward_pre_hook(lambda _unet, args: seen.append((args[0].clone(), int(args[1]))))
     try:
-        phrase_grounding_heatmaps(module, two_xrays, [PHRASE, PHRASE], [CATEGORY, CATEGORY], SETTINGS)
+        phrase_grounding_heatmaps(module, two_xrays, [PHRASE, PHRASE], [CATEGORY, CATEGORY], SETTINGS, IMAGE_IDS)
     finally:
         hook.remove()
     with torch.no_grad():
         mean = module.vae.encode(two_xrays.to(torch.bfloat16)).latent_dist.mean
     latents = mean.float() * module.vae.config.scaling_factor
-    k = SETTINGS.last_k_steps
-    noise = torch.stack(
-        [torch.randn((k, *latents.shape[1:]), generator=torch.Generator().manual_seed(3)) for _ in range(2)], dim=1
-    )
+    noise = torch.stack(expected_noise(SETTINGS.last_k_steps, latents.shape[1:]), dim=1)
     assert seen[-1][1] == 1
     for step, (noisy, timestep) in enumerate(seen):
         alpha_bar = module.noise_scheduler.alphas_cumprod[timestep]

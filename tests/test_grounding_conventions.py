@@ -1,0 +1,165 @@
+"""Known answers for the metric conventions, including maps on which they must disagree."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metrics.grounding_conventions import (
+    BIOVIL_THRESHOLDS,
+    PairMaps,
+    biovil_scores,
+    check_conventions,
+    convention_metric_names,
+    convention_scores,
+    filter_orphan_pixels_two_way,
+    paper_code_scores,
+)
+from metrics.localization import remove_isolated_pixels
+
+
+def box(size: int, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[top : top + height, left : left + width] = True
+    return mask
+
+
+def holed_block_with_border_pixel() -> torch.Tensor:
+    """8x8: the 4x4 block rows/cols 2-5 with a hole at (3, 3), and one lone pixel on the border at (0, 7)."""
+    mask = box(8, 2, 2, 4, 4)
+    mask[3, 3] = False
+    mask[0, 7] = True
+    return mask
+
+
+def test_two_way_filter_fills_a_hole_and_leaves_the_border_alone():
+    filtered = filter_orphan_pixels_two_way(holed_block_with_border_pixel())
+    expected = box(8, 2, 2, 4, 4)  # hole switched on (8 of 9 on around it) ...
+    for corner in ((2, 2), (2, 5), (5, 2), (5, 5)):  # ... block corners off (3 or 4 of 9) ...
+        expected[corner] = False
+    expected[0, 7] = True  # ... the border pixel untouched
+    assert torch.equal(filtered, expected)
+
+
+def test_one_way_filter_keeps_the_hole_and_drops_the_border_pixel():
+    filtered = remove_isolated_pixels(holed_block_with_border_pixel())
+    expected = box(8, 2, 2, 4, 4)
+    expected[3, 3] = False
+    for corner in ((2, 2), (2, 5), (5, 2), (5, 5)):
+        expected[corner] = False
+    assert torch.equal(filtered, expected)
+
+
+def test_paper_code_and_method_iou_disagree_on_the_hole_and_the_border():
+    heatmap = holed_block_with_border_pixel().double()  # two values: GMM threshold = midpoint
+    gt = box(8, 2, 2, 4, 4)
+    scores = convention_scores(heatmap, gt, ("paper_code", "method"))
+    assert scores["paper_code/iou"] == pytest.approx(12 / 17)  # 13 predicted (12 in the box, hole on), 16 in the box
+    assert scores["method/iou"] == pytest.approx(11 / 16)  # 11 predicted, all in the box
+    # background: 64 - 17 = 47 pixels in neither, of a background union of 51 + 48 - 47 = 52 (method: 48 of 53)
+    assert scores["paper_code/miou"] == pytest.approx((12 / 17 + 47 / 52) / 2)
+    assert scores["method/miou"] == pytest.approx((11 / 16 + 48 / 53) / 2)
+
+
+def test_paper_code_upsamples_the_binary_map_bilinearly_then_rounds():
+    heatmap = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # too small to filter: binary = the single hot cell
+    gt = box(16, 0, 0, 8, 8)
+    pair = PairMaps(heatmap, gt, seed=0)
+    # bilinear weights of the hot cell along an axis, output pixels 0..7: 1, 1, 1, 1, 15/16, 13/16, 11/16, 9/16;
+    # a pixel is on when the product of its two weights exceeds 1/2: 32 + 8 + 7 + 6 + 5 = 58 of the 64 (the
+    # inner corner of the quadrant is cut), none outside it
+    scores = paper_code_scores(pair)
+    assert scores["iou"] == pytest.approx(58 / 64)
+    assert convention_scores(heatmap, gt, ("biovil",))["biovil/miou"] == pytest.approx(1.0)  # nearest: exact
+
+
+def test_cnr_variance_and_contrast_sign_per_convention():
+    gt = box(4, 0, 0, 4, 2)  # left half: 8 pixels in, 8 out
+    heatmap = torch.tensor(
+        [[1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.0], [1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.0]]
+    )  # inside: mean 0.75, population variance 1/16; outside: mean 1/8, population variance 3/64
+    population, unbiased = 1 / 16 + 3 / 64, (1 / 16 + 3 / 64) * 8 / 7
+    scores = convention_scores(heatmap, gt, ("paper_code", "biovil", "method"))
+    assert scores["method/cnr"] == pytest.approx(0.625 / math.sqrt(population))
+    assert scores["biovil/cnr"] == pytest.approx(0.625 / math.sqrt(population))
+    assert scores["paper_code/cnr"] == pytest.approx(0.625 / math.sqrt(unbiased))
+
+    flipped = convention_scores(1 - heatmap, gt, ("paper_code", "biovil", "method"))  # hot outside the box
+    assert flipped["method/cnr"] == pytest.approx(-scores["method/cnr"])
+    assert flipped["paper_code/cnr"] == pytest.approx(-scores["paper_code/cnr"])
+    assert flipped["biovil/cnr"] == pytest.approx(scores["biovil/cnr"])  # absolute contrast: no sign
+
+
+def test_biovil_miou_is_the_mean_iou_over_five_thresholds():
+    heatmap = torch.tensor([[0.0, 0.15, 0.25], [0.35, 0.45, 0.55], [0.65, 0.75, 1.0]])
+    gt = box(3, 1, 0, 2, 3)  # the bottom two rows: 6 cells
+    # cells above t: t=0.1 -> 8 (6 in), 0.2 -> 7 (6 in), 0.3 -> 6 (6 in), 0.4 -> 5 (5 in), 0.5 -> 4 (4 in)
+    expected = (6 / 8 + 6 / 7 + 6 / 6 + 5 / 6 + 4 / 6) / 5
+    assert BIOVIL_THRESHOLDS == (0.1, 0.2, 0.3, 0.4, 0.5)
+    assert biovil_scores(PairMaps(heatmap, gt, 0))["miou"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("map_size, mask_size", [(4, 16), (5, 12), (7, 7)])
+def test_biovil_cell_sums_equal_pixel_level_metrics_after_nearest_upsampling(map_size, mask_size):
+    generator = torch.Generator().manual_seed(map_size)
+    heatmap = torch.rand(map_size, map_size, generator=generator, dtype=torch.float64)
+    gt = box(mask_size, mask_size // 4, mask_size // 3, mask_size // 2, mask_size // 3 + 1)
+    scores = biovil_scores(PairMaps(heatmap, gt, 0))
+
+    p = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min())
+    p = F.interpolate(p[None, None], size=(mask_size, mask_size), mode="nearest")[0, 0]  # the pixel-level view
+    ious = [((p > t) & gt).sum().item() / ((p > t) | gt).sum().item() for t in BIOVIL_THRESHOLDS]
+    inside, outside = p[gt], p[~gt]
+    contrast = abs(inside.mean() - outside.mean()) / torch.sqrt(inside.var(correction=0) + outside.var(correction=0))
+    positives, negatives = inside[:, None], outside[None, :]
+    auc = ((positives > negatives).double().mean() + 0.5 * (positives == negatives).double().mean()).item()
+    assert scores["miou"] == pytest.approx(sum(ious) / len(ious), abs=1e-12)
+    assert scores["cnr"] == pytest.approx(contrast.item(), abs=1e-12)
+    assert scores["auc"] == pytest.approx(auc, abs=1e-12)
+
+
+def test_paper_code_auc_and_pointing_read_the_bilinear_map():
+    heatmap = torch.zeros(4, 4, dtype=torch.float64)
+    heatmap[0, 0], heatmap[3, 3] = 1.0, 0.9
+    gt = box(16, 12, 12, 4, 4)  # under the 0.9 cell only
+    scores = convention_scores(heatmap, gt, ("paper_code", "biovil"))
+    assert scores["paper_code/pointing"] == 0.0  # the argmax is the top-left corner, outside the box
+    p = F.interpolate(heatmap[None, None], size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+    inside, outside = p[gt], p[~gt]
+    auc = (inside[:, None] > outside[None, :]).double().mean() + 0.5 * (
+        inside[:, None] == outside[None, :]
+    ).double().mean()
+    assert scores["paper_code/auc"] == pytest.approx(auc.item(), abs=1e-12)
+    assert scores["paper_code/auc"] != pytest.approx(scores["biovil/auc"])  # nearest vs bilinear views differ
+
+
+def test_undefined_scores_are_nan_under_every_convention():
+    empty = torch.zeros(8, 8, dtype=torch.bool)
+    scores = convention_scores(
+        torch.rand(8, 8, generator=torch.Generator().manual_seed(0)), empty, ("paper_code", "biovil", "method")
+    )
+    for name in ("paper_code/auc", "paper_code/cnr", "biovil/auc", "biovil/cnr", "method/auc", "method/cnr"):
+        assert math.isnan(scores[name]), name
+
+
+def test_names_and_config_errors():
+    assert convention_metric_names(("biovil", "method"), (0.3,)) == (
+        "biovil/miou",
+        "biovil/auc",
+        "biovil/cnr",
+        "method/iou",
+        "method/miou",
+        "method/auc",
+        "method/cnr",
+        "method/pointing",
+        "method/iou@0.3",
+    )
+    scores = convention_scores(torch.rand(8, 8), box(8, 2, 2, 3, 3), ("paper_code", "biovil", "method"), (0.3,))
+    assert tuple(scores) == convention_metric_names(("paper_code", "biovil", "method"), (0.3,))
+    with pytest.raises(ValueError, match=r"unknown \['bioViL'\]; known: paper_code, biovil, method"):
+        check_conventions(["bioViL"])
+    with pytest.raises(ValueError, match="distinct"):
+        check_conventions(["method", "method"])
+    with pytest.raises(ValueError, match="larger than the mask"):
+        convention_scores(torch.rand(8, 8), box(4, 0, 0, 2, 2), ("biovil",))
