@@ -9,9 +9,11 @@
    ``evaluate.py grounding`` and the callbacks run (``evaluate_grounding``: read the pair, encode the X-ray, K UNet
    calls with attention capture, then the metrics) over P pairs of the MS-CXR split, after one warm-up pair. The
    metrics' share is timed inside ``PhraseGroundingMetrics.update``; the rest is image loading and heatmaps.
-2. The metrics alone at map side R (default 64 and 512): ``PhraseGroundingMetrics.update`` on one heatmap at the
-   latent side R/8 (SD's 8x VAE) against a box mask at R px, which is what SD-2 at 512 px hands it: the heatmap is
-   resized to the mask and the GMM threshold is fitted to R x R values. Median of repeats, and the GMM fit alone.
+2. The metrics alone at image side R (default 64 and 512): each convention of ``metrics.grounding_conventions``
+   (and all of them together, as ``PhraseGroundingMetrics.update`` runs them) on one heatmap at the latent side
+   R/8 (SD's 8x VAE) against a box mask at R px, which is what SD-2 at 512 px hands it (a 64 x 64 map). Then the
+   same 64 x 64 map against a 64 px mask: a pair with no upsampling. Median of repeats, with the budget
+   (all conventions of one pair <= 50 ms for a 64 x 64 map) checked per row.
 
 Without --model the default config's architecture is built with random weights (model.vae.pretrained=null unless
 overridden): attention costs the same whatever the weights. On a busy machine use --threads 1.
@@ -35,11 +37,13 @@ from attention_capture import load_model
 
 from datamodules.cxr_datamodule import resolve_data_root
 from grounding.evaluation import evaluate_grounding, grounding_items, heatmap_settings
+from metrics.grounding_conventions import CONVENTIONS, convention_scores
 from metrics.grounding_metrics import PhraseGroundingMetrics
-from metrics.localization import gmm_threshold, heatmap_at_mask_size
 
 MS_CXR_PAIRS = 1162  # image-phrase pairs of MS-CXR v1.1.0 (all splits): what `evaluate.py grounding` scores
 SD_VAE_FACTOR = 8
+LATENT_64 = 64  # SD-2's latent side at 512 px
+BUDGET_SECONDS = 0.050  # all conventions of one pair, for a 64 x 64 map
 
 
 class TimedGroundingMetrics(PhraseGroundingMetrics):
@@ -65,10 +69,11 @@ def end_to_end(args: argparse.Namespace, overrides: Sequence[str]) -> None:
         raise SystemExit(f"need at least 2 MS-CXR pairs in split '{split}' under {root}, found {len(items)}")
     warm_up, timed = items[:1], items[1:]
     thresholds, batch_size = tuple(cfg.grounding.thresholds), int(cfg.grounding.batch_size)
+    conventions = tuple(cfg.grounding.conventions)
     resolution = int(cfg.data.resolution)
 
     def run(pairs) -> tuple[float, TimedGroundingMetrics]:
-        metric = TimedGroundingMetrics(thresholds=thresholds, seed=settings.seed)
+        metric = TimedGroundingMetrics(thresholds=thresholds, seed=settings.seed, conventions=conventions)
         started = time.perf_counter()
         evaluate_grounding(module, pairs, root, resolution, settings, metric, batch_size)
         return time.perf_counter() - started, metric
@@ -107,22 +112,31 @@ def box_mask(side: int) -> torch.Tensor:
     return mask
 
 
-def metrics_alone(map_sizes: Sequence[int], repeats: int) -> None:
-    for side in map_sizes:
-        heatmap, mask = bump_heatmap(max(1, side // SD_VAE_FACTOR), seed=0), box_mask(side)
-        metric = PhraseGroundingMetrics()
-        update, gmm = [], []
+def time_conventions(heatmap: torch.Tensor, mask: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of ``convention_scores`` per convention and for all of them at once (shared work counted once)."""
+    groups = {name: (name,) for name in CONVENTIONS} | {"all": tuple(CONVENTIONS)}
+    medians = {}
+    for label, conventions in groups.items():
+        seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
-            metric.update([heatmap], [mask], ["Pleural Effusion"])
-            update.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            gmm_threshold(heatmap_at_mask_size(heatmap, mask))
-            gmm.append(time.perf_counter() - started)
+            convention_scores(heatmap, mask, conventions)
+            seconds.append(time.perf_counter() - started)
+        medians[label] = statistics.median(seconds)
+    return medians
+
+
+def metrics_alone(map_sizes: Sequence[int], repeats: int) -> None:
+    pairs = [(max(1, side // SD_VAE_FACTOR), side) for side in map_sizes] + [(LATENT_64, LATENT_64)]
+    for heatmap_side, side in pairs:
+        medians = time_conventions(bump_heatmap(heatmap_side, seed=0), box_mask(side), repeats)
+        each = ", ".join(f"{name} {seconds:.4f} s" for name, seconds in medians.items() if name != "all")
+        verdict = ""
+        if heatmap_side == LATENT_64:
+            verdict = f"; budget {BUDGET_SECONDS:.3f} s: {'met' if medians['all'] <= BUDGET_SECONDS else 'NOT met'}"
         print(
-            f"metrics alone, heatmap {heatmap.shape[-1]} px -> mask {side} px ({side * side} values): "
-            f"{statistics.median(update):.4f} s/pair, of which the GMM fit {statistics.median(gmm):.4f} s "
-            f"(median of {repeats})"
+            f"metrics alone, heatmap {heatmap_side} px -> mask {side} px ({side * side} values): {each}; "
+            f"all {medians['all']:.4f} s/pair (median of {repeats}){verdict}"
         )
 
 

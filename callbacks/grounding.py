@@ -28,15 +28,19 @@ class GroundingCallback(MsCxrEvaluationCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of fit, on every process, with the EMA weights.
 
     Each process scores its shard of the items; ``PhraseGroundingMetrics`` sums across processes, so the logged
-    ``grounding/<metric>`` and ``grounding/<metric>/<category>`` values cover all items whatever the process count;
+    ``grounding/<convention>/<metric>`` (and ``.../<category>``, ``.../macro``) values cover all items whatever the
+    process count (conventions: ``grounding.conventions``, see ``metrics.grounding_conventions``);
     ``grounding/skipped_pairs`` counts the pairs (and CSV rows) that could not be scored, named in the log.
     The processes agree that their shards succeeded before any sync (see ``callbacks.evaluation_failures``).
     """
 
     @classmethod
     def from_config(cls, cfg: DictConfig, data_root: Path) -> GroundingCallback:
-        """``callbacks.grounding`` (how often, how many pairs, N and K) over the ``grounding`` section."""
-        return cls(**cls.config_arguments(cfg, data_root, cfg.callbacks.grounding, cfg.grounding.split))
+        """``callbacks.grounding`` (how often, how many pairs of which split, N and K) over the ``grounding`` section.
+
+        Its split is ``val``, not ``grounding.split`` (``test``): checkpoints chosen on the test pairs would leak."""
+        own = cfg.callbacks.grounding
+        return cls(**cls.config_arguments(cfg, data_root, own, own.split))
 
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], list[dict]]:
         """Metric values over all items (with ``grounding/skipped_pairs``) and the per-sample rows of this process's

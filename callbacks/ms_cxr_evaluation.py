@@ -14,7 +14,8 @@ from datamodules.mscxr import GroundingItem
 from datamodules.skips import SkipLedger, SkippedSample
 from grounding.evaluation import grounding_items, heatmap_settings
 from grounding.phrase_grounding import HeatmapSettings
-from metrics.grounding_metrics import PhraseGroundingMetrics
+from metrics.grounding_conventions import check_conventions
+from metrics.grounding_metrics import DEFAULT_CONVENTIONS, PhraseGroundingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ class MsCxrEvaluationCallback(PeriodicCallback):
         thresholds: Sequence[float] = (0.3, 0.5),
         batch_size: int = 8,
         skipped: Iterable[SkippedSample] = (),
+        conventions: Sequence[str] = DEFAULT_CONVENTIONS,
     ) -> None:
         if not items:
             raise ValueError(f"{type(self).__name__}: no MS-CXR pairs to score (check the MS-CXR CSV and the split)")
         super().__init__(every_n_steps)
         self.items, self.data_root, self.resolution = list(items), Path(data_root), resolution
         self.settings, self.thresholds, self.batch_size = settings, tuple(thresholds), batch_size
+        self.conventions = check_conventions(conventions)
         self.skipped = SkipLedger()
         self.record_skips(skipped)
 
@@ -69,7 +72,8 @@ class MsCxrEvaluationCallback(PeriodicCallback):
             "every_n_steps": own.every_n_steps,
             "thresholds": tuple(cfg.grounding.thresholds),
             "batch_size": cfg.grounding.batch_size,
+            "conventions": tuple(cfg.grounding.conventions),
         }
 
     def new_metric(self) -> PhraseGroundingMetrics:
-        return PhraseGroundingMetrics(thresholds=self.thresholds, seed=self.settings.seed)
+        return PhraseGroundingMetrics(thresholds=self.thresholds, seed=self.settings.seed, conventions=self.conventions)

@@ -15,10 +15,13 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from metrics.grounding_conventions import check_conventions
+
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 STAGES = ("all", "autoencoder", "diffusion")
 TRAINABLE_PARTS = ("unet", "text_encoder", "vae")
+ADAPTABLE_PARTS = ("unet", "text_encoder")  # parts that can train through LoRA adapters (model.adapters)
 # Keys an older release wrote into run folders' config.yaml: (new key, how the old value becomes the new one).
 RENAMED_KEYS = {"fidelity.extractor": ("fidelity.extractors", lambda value: [value])}
 
@@ -60,7 +63,8 @@ def _check_known_keys(new: DictConfig, base: DictConfig, source: str, prefix: st
                     )
             continue
         if key not in base:
-            raise ConfigError(f"unknown config key '{path}' in {source}{_closest(str(key), base.keys(), prefix)}")
+            hint = _closest(str(key), base.keys(), prefix) or f"; expected one of {[str(k) for k in base]}"
+            raise ConfigError(f"unknown config key '{path}' in {source}{hint}")
         new_value, base_value = new._get_node(key), base._get_node(key)
         if isinstance(new_value, DictConfig) and isinstance(base_value, DictConfig):
             _check_known_keys(new_value, base_value, source, prefix=f"{path}.")
@@ -90,8 +94,9 @@ def _validate_values(cfg: DictConfig) -> None:
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage must be one of {STAGES}, got '{cfg.stage}'")
     trainable = cfg.model.trainable
-    if not isinstance(trainable, ListConfig) or not set(trainable) <= set(TRAINABLE_PARTS) or not trainable:
-        raise ConfigError(f"model.trainable must be a non-empty list drawn from {TRAINABLE_PARTS}, got {trainable}")
+    if not isinstance(trainable, ListConfig) or not set(trainable) <= set(TRAINABLE_PARTS):
+        raise ConfigError(f"model.trainable must be a list drawn from {TRAINABLE_PARTS}, got {trainable}")
+    _validate_adapters(cfg.model.adapters, trainable)
     if not 0.0 <= cfg.train.ucg_probability <= 1.0:
         raise ConfigError(f"train.ucg_probability must be in [0, 1], got {cfg.train.ucg_probability}")
     if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
@@ -105,10 +110,50 @@ def _validate_values(cfg: DictConfig) -> None:
     limit = cfg.train.checkpoints_total_limit
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ConfigError(f"train.checkpoints_total_limit must be null (keep all) or an integer >= 0, got {limit!r}")
+    try:
+        check_conventions(list(cfg.grounding.conventions))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     if cfg.data.caption_section not in ("impression", "findings", "both"):
         raise ConfigError(
             f"data.caption_section must be impression, findings or both, got '{cfg.data.caption_section}'"
         )
+
+
+def _validate_adapters(adapters: DictConfig, trainable: ListConfig) -> None:
+    """``model.adapters``: which parts (LoRA exists for the UNet and the text encoder) and each one's settings."""
+    parts = adapters.parts
+    if not isinstance(parts, ListConfig) or not set(parts) <= set(ADAPTABLE_PARTS):
+        unknown = sorted(set(parts) - set(ADAPTABLE_PARTS)) if isinstance(parts, ListConfig) else parts
+        raise ConfigError(
+            f"model.adapters.parts must be a list drawn from {ADAPTABLE_PARTS} (the parts LoRA adapters exist for), "
+            f"got {parts}: {unknown} cannot be adapted"
+        )
+    shared = [name for name in parts if name in trainable]
+    if shared:
+        raise ConfigError(
+            f"{shared} is in both model.trainable and model.adapters.parts: a part is either fully trained or "
+            "adapted (its base weights frozen)"
+        )
+    if not trainable and not parts:
+        raise ConfigError("nothing trains: model.trainable and model.adapters.parts are both empty")
+    for name in parts:
+        part, key = adapters[name], f"model.adapters.{name}"
+        if not isinstance(part.rank, int) or isinstance(part.rank, bool) or part.rank < 1:
+            raise ConfigError(f"{key}.rank must be an integer >= 1, got {part.rank!r}")
+        for setting in ("alpha", "learning_rate"):
+            if not isinstance(part[setting], int | float) or isinstance(part[setting], bool) or part[setting] <= 0:
+                raise ConfigError(f"{key}.{setting} must be a number > 0, got {part[setting]!r}")
+        if not isinstance(part.dropout, int | float) or not 0.0 <= part.dropout < 1.0:
+            raise ConfigError(f"{key}.dropout must be in [0, 1), got {part.dropout!r}")
+        targets = part.target_modules
+        if targets is not None and (
+            not isinstance(targets, ListConfig) or not targets or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ConfigError(
+                f"{key}.target_modules must be null (the part's attention projections) or a non-empty list of "
+                f"module names, got {targets}"
+            )
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:

@@ -178,6 +178,7 @@ def evaluate_grounding(
                     [sample["phrase"] for sample in batch.samples],
                     categories,
                     settings,
+                    image_ids=[sample["dicom_id"] for sample in batch.samples],
                 ).cpu()
                 metric.update(batch.heatmaps, [sample["mask"] for sample in batch.samples], categories)
                 batch.scores = metric.latest_sample_scores
@@ -217,9 +218,20 @@ def grounding_tiles(pixel_values: torch.Tensor, heatmap: torch.Tensor, boxes: to
     return torch.stack(outlined)
 
 
-def score_caption(scores: dict[str, float]) -> str:
-    """One line of a pair's scores, as a heatmap label."""
-    return f"IoU {scores['iou']:.2f} AUC {scores['auc']:.2f} CNR {scores['cnr']:.2f} hit {scores['pointing']:.0f}"
+CAPTION_LABELS = {"iou": "IoU", "miou": "mIoU", "auc": "AUC", "cnr": "CNR", "pointing": "hit"}
+
+
+def score_caption(scores: dict[str, float], convention: str) -> str:
+    """One line of a pair's scores under one convention, as a heatmap label (mIoU only where there is no IoU)."""
+    values = {
+        metric: scores[f"{convention}/{metric}"] for metric in CAPTION_LABELS if f"{convention}/{metric}" in scores
+    }
+    if "iou" in values:
+        values.pop("miou", None)
+    return " ".join(
+        f"{CAPTION_LABELS[metric]} {value:{'.0f' if metric == 'pointing' else '.2f'}}"
+        for metric, value in values.items()
+    )
 
 
 def _heatmap_file_name(sample: dict[str, Any]) -> str:
@@ -229,7 +241,8 @@ def _heatmap_file_name(sample: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------- summaries
 def summarize(rows: pd.DataFrame, metric_names: Sequence[str]) -> dict[str, Any]:
-    """Means over samples, overall and per category, NaN scores left out (as ``PhraseGroundingMetrics``)."""
+    """Means over samples, overall and per category, NaN scores left out (as ``PhraseGroundingMetrics``), and the
+    mean over categories ("macro")."""
 
     def means(table: pd.DataFrame) -> dict[str, float | None]:
         values = table[list(metric_names)].astype(float).mean()
@@ -240,22 +253,48 @@ def summarize(rows: pd.DataFrame, metric_names: Sequence[str]) -> dict[str, Any]
         for category in MS_CXR_CATEGORIES
         if (rows["category"] == category).any()
     }
-    return {"count": len(rows), "overall": means(rows), "per_category": per_category}
+    macro = means(pd.DataFrame([values for values in per_category.values()], columns=list(metric_names)))
+    return {"count": len(rows), "overall": means(rows), "macro": macro, "per_category": per_category}
+
+
+def _by_convention(metric_names: Sequence[str]) -> dict[str, list[str]]:
+    """ "paper_code/iou", ... grouped as {"paper_code": ["iou", ...], ...}, in order."""
+    groups: dict[str, list[str]] = {}
+    for name in metric_names:
+        convention, metric = name.split("/", 1)
+        groups.setdefault(convention, []).append(metric)
+    return groups
 
 
 def markdown_table(summary: dict[str, Any], metric_names: Sequence[str]) -> str:
-    """The summary as a markdown table: one row overall, one per category."""
+    """The summary as markdown: the conventions side by side (mean over pairs, and over categories), then one
+    table per convention with a row per category."""
 
-    def cells(values: dict[str, Any]) -> str:
-        return " | ".join("n/a" if values[name] is None else f"{values[name]:.3f}" for name in metric_names)
+    def cell(values: dict[str, Any], name: str) -> str:
+        return "" if name not in values else "n/a" if values[name] is None else f"{values[name]:.3f}"
 
+    groups = _by_convention(metric_names)
+    columns = list(dict.fromkeys(metric for metrics in groups.values() for metric in metrics))
     lines = [
-        f"| category | n | {' | '.join(metric_names)} |",
-        "|---|---:|" + "---:|" * len(metric_names),
-        f"| **all** | {summary['count']} | {cells(summary['overall'])} |",
+        f"| convention | mean over | {' | '.join(columns)} |",
+        "|---|---|" + "---:|" * len(columns),
     ]
-    for category, values in summary["per_category"].items():
-        lines.append(f"| {category} | {values['count']} | {cells(values)} |")
+    for convention in groups:
+        for label, values in ((f"{summary['count']} pairs", summary["overall"]), ("categories", summary["macro"])):
+            cells = " | ".join(cell(values, f"{convention}/{metric}") for metric in columns)
+            lines.append(f"| {convention} | {label} | {cells} |")
+    for convention, metrics in groups.items():
+        names = [f"{convention}/{metric}" for metric in metrics]
+        lines += [
+            "",
+            f"{convention}:",
+            "",
+            f"| category | n | {' | '.join(metrics)} |",
+            "|---|---:|" + "---:|" * len(metrics),
+            f"| **all** | {summary['count']} | {' | '.join(cell(summary['overall'], name) for name in names)} |",
+        ]
+        for category, values in summary["per_category"].items():
+            lines.append(f"| {category} | {values['count']} | {' | '.join(cell(values, name) for name in names)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,8 +312,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-root", help="MIMIC-CXR-JPG root holding the images (default: the config's data root)")
     parser.add_argument(
         "--split",
-        choices=["train", "val", "validate", "test", "all"],
-        help="MS-CXR split; all = every row (default: the config's grounding.split)",
+        choices=["test", "val", "train", "all"],
+        help="MS-CXR v1.1.0 split; all = every row, as v1.0.0 (no split column) was evaluated "
+        "(default: the config's grounding.split, test)",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many image-phrase pairs")
     parser.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
@@ -318,6 +358,7 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     items = grounding_items(ms_cxr_csv, data_root, split, args.limit, cfg.grounding.invalid_boxes, skipped)
     settings = heatmap_settings(cfg.grounding)
     thresholds = tuple(float(t) for t in cfg.grounding.thresholds)
+    conventions = tuple(cfg.grounding.conventions)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -328,9 +369,10 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         "resolution": int(cfg.data.resolution),
         "heatmap_settings": asdict(settings),
         "thresholds": thresholds,
+        "conventions": conventions,
     }
     _check_settings(out_dir, json.loads(json.dumps(record)))  # as read back from JSON: tuples become lists
-    metric = PhraseGroundingMetrics(thresholds=thresholds, seed=settings.seed)
+    metric = PhraseGroundingMetrics(thresholds=thresholds, seed=settings.seed, conventions=conventions)
     per_sample_csv = out_dir / PER_SAMPLE_FILE
     if not per_sample_csv.is_file():
         pd.DataFrame(columns=[*ITEM_COLUMNS, *metric.metric_names]).to_csv(per_sample_csv, index=False)

@@ -24,18 +24,21 @@ from functools import cached_property
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from metrics.localization import (
     GmmFit,
     as_bool_mask,
+    cnr,
     fit_gmm,
     heatmap_at_mask_size,
     iou,
+    iou_at_threshold,
     iou_threshold_key,
-    localization_scores,
+    miou_fg_bg,
     normalize_heatmap,
     pointing_game,
+    remove_isolated_pixels,
+    roc_auc,
 )
 
 BIOVIL_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -63,6 +66,16 @@ class PairMaps:
     @cached_property
     def p_bilinear(self) -> torch.Tensor:
         return self.upsample_bilinear(self.p_map)
+
+    @cached_property
+    def bilinear_auc(self) -> float:
+        """AUC of the bilinear map; also the method's (its renormalisation is affine: ranks are unchanged)."""
+        return roc_auc(self.gt.cpu().numpy().ravel(), self.p_bilinear.cpu().numpy().ravel())
+
+    @cached_property
+    def bilinear_pointing(self) -> float:
+        """Pointing game on the bilinear map (first maximum in row-major order); affine-invariant as the AUC."""
+        return pointing_game(self.p_bilinear, self.gt)
 
     @cached_property
     def cell_counts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -121,9 +134,9 @@ def paper_code_scores(pair: PairMaps) -> dict[str, float]:
     return {
         "iou": foreground,
         "miou": (foreground + background) / 2,
-        "auc": _auc(gt.cpu().numpy().ravel(), p.cpu().numpy().ravel()),
+        "auc": pair.bilinear_auc,
         "cnr": _cnr(p[gt], p[~gt], unbiased=True, absolute=False),
-        "pointing": pointing_game(p, gt),
+        "pointing": pair.bilinear_pointing,
     }
 
 
@@ -155,7 +168,7 @@ def biovil_scores(pair: PairMaps) -> dict[str, float]:
     scores = np.concatenate([values.ravel(), values.ravel()])
     return {
         "miou": float(np.mean(ious)),
-        "auc": _auc(labels, scores, weights),
+        "auc": roc_auc(labels, scores, weights),
         "cnr": _weighted_cnr(values.ravel(), inside.ravel(), outside.ravel()),
     }
 
@@ -163,26 +176,26 @@ def biovil_scores(pair: PairMaps) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------- method
 def method_scores(pair: PairMaps, thresholds: Sequence[float]) -> dict[str, float]:
     """Ours (docs/method.md, "Localization metrics"): everything at the mask's resolution after a bilinear
-    resize, one-way isolated-pixel filter with the outside counted as off, population variances, signed CNR;
-    see ``metrics.localization``. The GMM fit at mask resolution starts from the map-resolution fit."""
-    if pair.p_map.shape == pair.gt.shape:
-        fit = pair.map_fit
-    else:
-        fit = fit_gmm(heatmap_at_mask_size(pair.p_map, pair.gt), pair.seed, start=pair.map_fit)
-    return localization_scores(pair.p_map, pair.gt, thresholds, pair.seed, gmm=fit)
+    resize (``metrics.localization.heatmap_at_mask_size``); the GMM threshold and one "iou@<t>" per fixed
+    threshold binarise it, the one-way filter (``remove_isolated_pixels``, outside counted as off) cleans it;
+    population variances and signed contrast for CNR (``metrics.localization.cnr``). "iou" and "miou" share
+    one binarisation; the GMM fit at mask resolution starts from the map-resolution fit (``fit_gmm``)."""
+    p, gt = heatmap_at_mask_size(pair.p_map, pair.gt), pair.gt
+    fit = pair.map_fit if pair.p_map.shape == gt.shape else fit_gmm(p, pair.seed, start=pair.map_fit)
+    prediction = remove_isolated_pixels(p > fit.threshold)
+    scores = {
+        "iou": iou(prediction, gt),
+        "miou": miou_fg_bg(prediction, gt),
+        "auc": pair.bilinear_auc,
+        "cnr": cnr(p, gt),
+        "pointing": pair.bilinear_pointing,
+    }
+    for threshold in thresholds:
+        scores[iou_threshold_key(threshold)] = iou_at_threshold(p, gt, threshold)
+    return scores
 
 
 # --------------------------------------------------------------------------------------------- shared
-def _auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """ROC AUC (sklearn); NaN when one class is absent (by weight)."""
-    if weights is not None:
-        keep = weights > 0
-        labels, scores, weights = labels[keep], scores[keep], weights[keep]
-    if labels.all() or not labels.any():
-        return math.nan
-    return float(roc_auc_score(labels, scores, sample_weight=weights))
-
-
 def _cnr(inside: torch.Tensor, outside: torch.Tensor, unbiased: bool, absolute: bool) -> float:
     """(mean in - mean out) / sqrt(var in + var out); 0/0 -> 0.0 (no contrast), x/0 -> NaN; NaN on an empty side."""
     if inside.numel() <= int(unbiased) or outside.numel() <= int(unbiased):

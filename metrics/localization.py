@@ -2,8 +2,8 @@
 
 These are the building blocks and our own ("method") convention: docs/method.md, "Localization metrics"
 (Dombrowski et al., arXiv 2303.17908). Every function takes one 2-D heatmap and/or one 2-D boolean mask;
-`localization_scores` computes all of them for one sample; `metrics.grounding_conventions` puts them next
-to the published conventions; `metrics.grounding_metrics.PhraseGroundingMetrics` aggregates them.
+`metrics.grounding_conventions` combines them into our convention ("method") and the published ones, and
+`metrics.grounding_metrics.PhraseGroundingMetrics` aggregates them.
 
 Conventions shared by all functions:
 - P is min-max normalised to [0, 1]; a constant map becomes all zeros.
@@ -14,17 +14,15 @@ Conventions shared by all functions:
 """
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
-
-LOCALIZATION_METRICS = ("iou", "miou", "auc", "cnr", "pointing")
 
 
 def iou_threshold_key(threshold: float) -> str:
@@ -144,28 +142,38 @@ def _binarise_and_clean(p_normalised: torch.Tensor, threshold: float) -> torch.T
     return remove_isolated_pixels(p_normalised > threshold)
 
 
-def grounding_iou(p: torch.Tensor, gt: torch.Tensor, seed: int = 0) -> float:
-    """The paper's IoU: P binarised at its GMM threshold, isolated pixels removed, IoU with the mask."""
-    gt = as_bool_mask(gt, "gt_mask")
-    p = heatmap_at_mask_size(p, gt)
-    return iou(_binarise_and_clean(p, gmm_threshold(p, seed)), gt)
-
-
 def iou_at_threshold(p: torch.Tensor, gt: torch.Tensor, threshold: float) -> float:
     """IoU with P binarised at a fixed threshold on the normalised map instead of the GMM's; isolated
-    pixels are removed as for `grounding_iou`, so the two differ only in the threshold."""
+    pixels are removed as for the GMM-threshold IoU, so the two differ only in the threshold."""
     gt = as_bool_mask(gt, "gt_mask")
     return iou(_binarise_and_clean(heatmap_at_mask_size(p, gt), threshold), gt)
 
 
+def roc_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """ROC AUC of boolean ``labels`` by ``scores``, ties counted half; NaN when one class is absent (by weight).
+
+    Unweighted, it is the Mann-Whitney statistic from average ranks (scipy), equal to sklearn's
+    ``roc_auc_score`` and about twice as fast on the 262,144 pixels of a 512 px mask; weighted, sklearn's.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    if weights is not None:
+        keep = weights > 0
+        labels, scores, weights = labels[keep], scores[keep], weights[keep]
+    positives = int(labels.sum())
+    if positives in (0, labels.size):
+        return math.nan
+    if weights is not None:
+        return float(roc_auc_score(labels, scores, sample_weight=weights))
+    negatives = labels.size - positives
+    rank_sum = rankdata(scores)[labels].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
+
+
 def pixel_auc(p: torch.Tensor, gt: torch.Tensor) -> float:
-    """Pixel-level ROC AUC of P against the mask (sklearn). A constant map gives 0.5 (all ties).
+    """Pixel-level ROC AUC of P against the mask. A constant map gives 0.5 (all ties).
     NaN when the mask holds only one class (all in or all out): ROC AUC is undefined there."""
     gt = as_bool_mask(gt, "gt_mask")
-    labels = gt.cpu().numpy().ravel()
-    if labels.all() or not labels.any():
-        return math.nan
-    return float(roc_auc_score(labels, heatmap_at_mask_size(p, gt).cpu().numpy().ravel()))
+    return roc_auc(gt.cpu().numpy().ravel(), heatmap_at_mask_size(p, gt).cpu().numpy().ravel())
 
 
 def cnr(p: torch.Tensor, gt: torch.Tensor) -> float:
@@ -195,28 +203,3 @@ def pointing_game(p: torch.Tensor, gt: torch.Tensor) -> float:
     gt = as_bool_mask(gt, "gt_mask")
     p = heatmap_at_mask_size(p, gt)
     return float(gt.reshape(-1)[torch.argmax(p.reshape(-1))].item())
-
-
-def localization_scores(
-    p: torch.Tensor,
-    gt: torch.Tensor,
-    thresholds: Sequence[float] = (0.3, 0.5),
-    seed: int = 0,
-    gmm: GmmFit | None = None,
-) -> dict[str, float]:
-    """All localization metrics of one (heatmap, mask) sample: "iou", "miou", "auc", "cnr", "pointing"
-    and one "iou@<t>" per fixed threshold. "iou" and "miou" share one GMM binarisation (``gmm``: the fit of
-    the map at the mask's size when the caller has it already)."""
-    gt = as_bool_mask(gt, "gt_mask")
-    p = heatmap_at_mask_size(p, gt)
-    prediction = _binarise_and_clean(p, (gmm or fit_gmm(p, seed)).threshold)
-    scores = {
-        "iou": iou(prediction, gt),
-        "miou": miou_fg_bg(prediction, gt),
-        "auc": pixel_auc(p, gt),
-        "cnr": cnr(p, gt),
-        "pointing": pointing_game(p, gt),
-    }
-    for threshold in thresholds:
-        scores[iou_threshold_key(threshold)] = iou_at_threshold(p, gt, threshold)
-    return scores

@@ -38,11 +38,18 @@ def test_quick_benchmark_reports_the_end_to_end_cost_per_pair_and_the_metrics_co
     assert minutes == pytest.approx(1162 * per_pair / 60, abs=0.1)
 
     rows = re.findall(
-        rf"^metrics alone, heatmap (\d+) px -> mask (\d+) px \((\d+) values\): {NUMBER} s/pair, "
-        rf"of which the GMM fit {NUMBER} s \(median of 1\)$",
+        rf"^metrics alone, heatmap (\d+) px -> mask (\d+) px \((\d+) values\): paper_code {NUMBER} s, "
+        rf"biovil {NUMBER} s, method {NUMBER} s; all {NUMBER} s/pair \(median of 1\)"
+        r"(; budget 0.050 s: (?:met|NOT met))?$",
         out,
         re.M,
     )
-    assert [(int(h), int(m), int(v)) for h, m, v, *_ in rows] == [(8, 64, 64 * 64), (16, 128, 128 * 128)]
-    assert all(float(update) > 0 and float(gmm) > 0 for *_, update, gmm in rows)
+    assert [(int(h), int(m), int(v)) for h, m, v, *_ in rows] == [
+        (8, 64, 64 * 64),
+        (16, 128, 128 * 128),
+        (64, 64, 4096),
+    ]
+    assert [bool(row[-1]) for row in rows] == [False, False, True]  # the budget is for a 64 x 64 map
+    for *_, paper_code, biovil, method, together, _ in rows:
+        assert min(map(float, (paper_code, biovil, method, together))) > 0
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran

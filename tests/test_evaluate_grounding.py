@@ -18,7 +18,11 @@ from metrics.grounding_metrics import PhraseGroundingMetrics
 
 TINY_MODEL_OVERRIDES = ["model.text_encoder.max_length=16", "model.text_encoder.use_attention_mask=false"]
 FAST = ["grounding.num_inference_steps=3", "grounding.last_k_steps=2", "grounding.batch_size=2"]
-METRICS = ["iou", "miou", "auc", "cnr", "pointing", "iou@0.3", "iou@0.5"]
+METRICS = [
+    *(f"paper_code/{name}" for name in ("iou", "miou", "auc", "cnr", "pointing")),
+    *(f"biovil/{name}" for name in ("miou", "auc", "cnr")),
+    *(f"method/{name}" for name in ("iou", "miou", "auc", "cnr", "pointing", "iou@0.3", "iou@0.5")),
+]
 
 
 def grounding_cli(model: Path, data_root: Path, out: Path, *extra: str) -> dict:
@@ -33,9 +37,9 @@ def evaluated_pairs(monkeypatch) -> list[str]:
     phrases: list[str] = []
     real = grounding.evaluation.phrase_grounding_heatmaps
 
-    def spy(module, pixel_values, batch_phrases, categories, settings):
+    def spy(module, pixel_values, batch_phrases, categories, settings, image_ids):
         phrases.extend(batch_phrases)
-        return real(module, pixel_values, batch_phrases, categories, settings)
+        return real(module, pixel_values, batch_phrases, categories, settings, image_ids)
 
     monkeypatch.setattr(grounding.evaluation, "phrase_grounding_heatmaps", spy)
     return phrases
@@ -55,20 +59,24 @@ def test_cli_writes_per_sample_rows_summary_and_heatmaps_and_resumes(
     rows = pd.read_csv(out / "per_sample.csv", dtype={"dicom_id": str})
     assert list(zip(rows["dicom_id"], rows["phrase"], strict=True)) == [(i.dicom_id, i.phrase) for i in items]
     assert list(rows.columns) == ["dicom_id", "category", "phrase", "num_boxes_dropped", *METRICS]
-    assert rows["auc"].between(0, 1).all()
+    assert all(rows[f"{convention}/auc"].between(0, 1).all() for convention in ("paper_code", "biovil", "method"))
     assert len(list((out / "heatmaps").glob("*.png"))) == 6
 
     written = json.loads((out / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     assert written["count"] == 6
+    category_means = rows.groupby("category")[METRICS].mean()
     for name in METRICS:
         assert written["overall"][name] == pytest.approx(rows[name].mean())
+        assert written["macro"][name] == pytest.approx(category_means[name].mean())
     for category, values in written["per_category"].items():
         assert values["count"] == (rows["category"] == category).sum()
-        assert values["iou"] == pytest.approx(rows.loc[rows["category"] == category, "iou"].mean())
+        assert values["paper_code/iou"] == pytest.approx(category_means.loc[category, "paper_code/iou"])
     table = (out / "summary.md").read_text().splitlines()
-    assert table[0].startswith("| category | n | iou | miou | auc | cnr | pointing")
-    assert len(table) == 3 + len(written["per_category"])
+    assert table[0] == "| convention | mean over | iou | miou | auc | cnr | pointing | iou@0.3 | iou@0.5 |"
+    assert table[2].startswith("| paper_code | 6 pairs | ") and table[4].startswith("| biovil | 6 pairs | ")
+    assert table[4].split(" | ")[2] == ""  # biovil has no GMM IoU: an empty cell, not a made-up value
+    assert "method:" in table and len(table) == 2 + 6 + 3 * (6 + len(written["per_category"]))
 
     grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "6")
     assert len(evaluated_pairs) == 6  # nothing left to do
@@ -118,9 +126,9 @@ def test_evaluation_uses_ema_weights_in_eval_mode_and_restores_the_training_stat
     seen = {}
     real = grounding.evaluation.phrase_grounding_heatmaps
 
-    def spy(module, *args):
+    def spy(module, *args, **kwargs):
         seen.update(weight=module.unet.conv_in.weight.detach().clone(), training=module.training)
-        return real(module, *args)
+        return real(module, *args, **kwargs)
 
     monkeypatch.setattr(grounding.evaluation, "phrase_grounding_heatmaps", spy)
     items = read_ms_cxr(synthetic_root / "MS_CXR_Local_Alignment_v1.1.0.csv", "test")[:1]
@@ -142,9 +150,9 @@ def test_device_defaults_to_cuda_when_available_and_explicit_cpu_is_honoured(
     seen = []
     real = grounding.evaluation.phrase_grounding_heatmaps
 
-    def spy(module, pixel_values, *args):
+    def spy(module, pixel_values, *args, **kwargs):
         seen.append((module.device, next(module.unet.parameters()).device))
-        return real(module, pixel_values, *args)
+        return real(module, pixel_values, *args, **kwargs)
 
     monkeypatch.setattr(grounding.evaluation, "phrase_grounding_heatmaps", spy)
     summary = grounding_cli(tiny_model_dir, synthetic_root, tmp_path / "eval", "--limit", "2", "--device", "cpu")

@@ -163,3 +163,40 @@ def test_names_and_config_errors():
         check_conventions(["method", "method"])
     with pytest.raises(ValueError, match="larger than the mask"):
         convention_scores(torch.rand(8, 8), box(4, 0, 0, 2, 2), ("biovil",))
+
+
+def test_rank_auc_equals_sklearn_with_ties_and_weights():
+    from sklearn.metrics import roc_auc_score
+
+    from metrics.localization import roc_auc
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (500,), generator=generator).double().numpy()  # many ties
+    labels = (torch.rand(500, generator=generator) < 0.3).numpy()
+    weights = torch.randint(0, 4, (500,), generator=generator).double().numpy()
+    assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    keep = weights > 0
+    expected = roc_auc_score(labels[keep], scores[keep], sample_weight=weights[keep])
+    assert roc_auc(labels, scores, weights) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(roc_auc(labels & False, scores))
+
+
+def test_warm_started_gmm_at_mask_size_matches_a_cold_fit():
+    from metrics.localization import fit_gmm
+
+    generator = torch.Generator().manual_seed(1)
+    heatmap = F.avg_pool2d(torch.rand(1, 1, 34, 34, generator=generator, dtype=torch.float64), 3, stride=1)[0, 0]
+    heatmap[8:16, 12:22] += 1.0
+    pair = PairMaps(heatmap, box(256, 64, 96, 64, 80), seed=0)
+    upsampled = F.interpolate(pair.p_map[None, None], size=(256, 256), mode="bilinear", align_corners=False)[0, 0]
+    cold, warm = fit_gmm(upsampled, 0), fit_gmm(upsampled, 0, start=pair.map_fit)
+    assert warm.threshold == pytest.approx(cold.threshold, abs=1e-3)
+    assert warm.mixture.n_iter_ < cold.mixture.n_iter_ + 2  # started near the optimum
+
+
+def test_paper_code_and_method_share_auc_and_pointing():
+    heatmap = torch.rand(8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    scores = convention_scores(heatmap, box(64, 10, 20, 20, 24), ("paper_code", "method"))
+    assert scores["paper_code/auc"] == scores["method/auc"]  # same bilinear map up to an affine renormalisation
+    assert scores["paper_code/pointing"] == scores["method/pointing"]
+    assert scores["paper_code/cnr"] != scores["method/cnr"]

@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
+from metrics.grounding_conventions import convention_scores
 from metrics.grounding_metrics import MS_CXR_CATEGORIES, PhraseGroundingMetrics
 from metrics.localization import (
     cnr,
     gmm_threshold,
-    grounding_iou,
     iou,
     iou_at_threshold,
-    localization_scores,
     miou_fg_bg,
     normalize_heatmap,
     pixel_auc,
@@ -25,6 +24,12 @@ def box_mask(height: int, width: int, top: int, left: int, box_height: int, box_
     mask = torch.zeros(height, width, dtype=torch.bool)
     mask[top : top + box_height, left : left + box_width] = True
     return mask
+
+
+def localization_scores(p: torch.Tensor, gt: torch.Tensor, thresholds=(0.3, 0.5)) -> dict[str, float]:
+    """Our convention's scores of one pair, unprefixed."""
+    scores = convention_scores(p, gt, ("method",), thresholds)
+    return {name.removeprefix("method/"): value for name, value in scores.items()}
 
 
 def blob(height: int, width: int, row: float, col: float, sigma: float = 2.0) -> torch.Tensor:
@@ -96,7 +101,7 @@ def test_iou_of_box_shifted_by_four_columns():
     shifted = box_mask(16, 24, 4, 8, 8, 8)
     assert iou(shifted, gt) == pytest.approx(32 / 96)  # overlap 8x4, union 64 + 64 - 32
     # through the full pipeline the shifted prediction loses its 4 corners (two of them in the overlap)
-    assert grounding_iou(shifted.float(), gt) == pytest.approx(30 / (60 + 64 - 30))
+    assert localization_scores(shifted.float(), gt)["iou"] == pytest.approx(30 / (60 + 64 - 30))
 
 
 def test_miou_fg_bg_averages_foreground_and_background_iou():
