@@ -86,7 +86,7 @@ def test_two_process_run_logs_the_same_evaluation_as_one_process(tiny_overrides,
         tmp_path / "two",
     )
     single, double = evaluation_metrics(one), evaluation_metrics(two)
-    assert "grounding/iou" in single and any(key.startswith("fid/") for key in single)
+    assert "grounding/paper_code/iou" in single and any(key.startswith("fid/") for key in single)
     assert single.keys() == double.keys()
     for key, value in single.items():
         assert double[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -176,7 +176,7 @@ def test_first_two_process_run_on_new_data_sets_up_without_a_hang(tiny_overrides
     assert math.isfinite(torch.load(reference, weights_only=True)["real_halves_fid"])  # frechet_distance ran
     with open(run_dir / "diffusion" / "metrics.csv") as handle:
         logged = {key for row in csv.DictReader(handle) for key, value in row.items() if value}
-    assert "fid/domain@9" in logged and "grounding/iou" in logged
+    assert "fid/domain@9" in logged and "grounding/paper_code/iou" in logged
     assert (run_dir / "pipeline" / "model_index.json").is_file()
 
 

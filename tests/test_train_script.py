@@ -46,7 +46,7 @@ def test_train_script_leaves_checkpoint_config_metrics_samples_wandb_and_pipelin
     rows = metric_rows(run_dir)
     assert any(row.get("val/loss") for row in rows)
     logged = {key for row in rows for key, value in row.items() if value}
-    assert "grounding/iou" in logged and any(key.startswith("fid/domain@") for key in logged)
+    assert "grounding/paper_code/iou" in logged and any(key.startswith("fid/domain@") for key in logged)
 
     grids = sorted((run_dir / "images").glob("samples_step*.png"))
     assert [grid.name for grid in grids] == ["samples_step000002.png", "samples_step000003.png"]
