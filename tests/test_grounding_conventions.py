@@ -181,7 +181,9 @@ def test_rank_auc_equals_sklearn_with_ties_and_weights():
     assert math.isnan(roc_auc(labels & False, scores))
 
 
-def test_warm_started_gmm_at_mask_size_matches_a_cold_fit():
+def test_warm_started_gmm_is_sklearns_em_from_the_same_start_and_close_to_a_cold_fit():
+    from sklearn.mixture import GaussianMixture
+
     from metrics.localization import fit_gmm
 
     generator = torch.Generator().manual_seed(1)
@@ -189,9 +191,17 @@ def test_warm_started_gmm_at_mask_size_matches_a_cold_fit():
     heatmap[8:16, 12:22] += 1.0
     pair = PairMaps(heatmap, box(256, 64, 96, 64, 80), seed=0)
     upsampled = F.interpolate(pair.p_map[None, None], size=(256, 256), mode="bilinear", align_corners=False)[0, 0]
-    cold, warm = fit_gmm(upsampled, 0), fit_gmm(upsampled, 0, start=pair.map_fit)
-    assert warm.threshold == pytest.approx(cold.threshold, abs=1e-3)
-    assert warm.mixture.n_iter_ < cold.mixture.n_iter_ + 2  # started near the optimum
+    start, warm = pair.map_fit, fit_gmm(upsampled, 0, start=pair.map_fit)
+    reference = GaussianMixture(
+        n_components=2,
+        means_init=start.means[:, None],
+        weights_init=start.weights,
+        precisions_init=(1 / start.variances)[:, None, None],
+    ).fit(upsampled.numpy().reshape(-1, 1))
+    assert warm.means == pytest.approx(reference.means_.ravel(), abs=1e-10)
+    assert warm.variances == pytest.approx(reference.covariances_.ravel(), abs=1e-10)
+    assert warm.weights == pytest.approx(reference.weights_, abs=1e-10)
+    assert warm.threshold == pytest.approx(fit_gmm(upsampled, 0).threshold, abs=1e-3)  # and near a cold k-means fit
 
 
 def test_paper_code_and_method_share_auc_and_pointing():
