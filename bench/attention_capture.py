@@ -2,6 +2,7 @@
 per in-training grounding call, and peak memory of grounding evaluation for N and 4N pairs (should be flat).
 
     python bench/attention_capture.py                      # the default run's model (random weights), CPU
+    python bench/attention_capture.py --quick              # seconds, for tests: few pairs and DDIM steps
     python bench/attention_capture.py --model runs/frozen_text_encoder/<run>/checkpoints/last.ckpt --items 32
     python bench/attention_capture.py model.vae.pretrained=null trainer.accelerator=cpu   # config overrides
 
@@ -24,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -32,6 +34,7 @@ from types import SimpleNamespace
 
 import torch
 from omegaconf import DictConfig
+from train_throughput import fill_from_preset
 
 from callbacks.attention_heatmaps import AttentionHeatmapCallback
 from callbacks.grounding import GroundingCallback
@@ -42,6 +45,18 @@ from grounding.phrase_grounding import HeatmapSettings, generation_heatmaps
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.loading import load_diffusion_module
 from metrics.grounding_metrics import PhraseGroundingMetrics
+
+FULL = {"items": 16, "repeats": 3}
+QUICK = {"items": 2, "repeats": 1}
+# Two DDIM steps, two pairs per callback call: every code path of the full run, in seconds.
+QUICK_OVERRIDES = [
+    "sampling.num_inference_steps=2",
+    *(
+        f"callbacks.{name}.{key}={value}"
+        for name in ("grounding", "attention_heatmaps")
+        for key, value in (("num_items", 2), ("num_inference_steps", 2), ("last_k_steps", 1))
+    ),
+]
 
 
 def load_model(model: str | None, overrides: Sequence[str]) -> tuple[LatentDiffusionModule, DictConfig]:
@@ -87,18 +102,18 @@ def capture_overhead(module: LatentDiffusionModule, cfg: DictConfig, repeats: in
     )
 
 
-def callback_cost(module: LatentDiffusionModule, cfg: DictConfig, data_root: Path, repeats: int) -> None:
+def callback_cost(module: LatentDiffusionModule, cfg: DictConfig, data_root: Path, repeats: int, out_dir: Path) -> None:
     grounding = GroundingCallback.from_config(cfg, data_root)
-    heatmaps = AttentionHeatmapCallback.from_config(cfg, data_root, Path("/tmp/bench-attention-heatmaps"))
+    heatmaps = AttentionHeatmapCallback.from_config(cfg, data_root, out_dir)
     single_process = SimpleNamespace(global_rank=0, world_size=1)
     trainer = SimpleNamespace(is_global_zero=True, loggers=[], global_step=0)
     steps = itertools.count(1)
 
-    def log_panel() -> None:
+    def draw_panel() -> None:
         trainer.global_step = next(steps)  # the callback draws once per step
-        heatmaps.log_panel(trainer, module)
+        heatmaps.run(trainer, module)
 
-    runs = {"grounding": lambda: grounding.evaluate(single_process, module), "heatmaps": log_panel}
+    runs = {"grounding": lambda: grounding.evaluate(single_process, module), "heatmaps": draw_panel}
     seconds = median_seconds(runs, repeats)
     for name, callback in (("grounding", grounding), ("heatmaps", heatmaps)):
         wall, cpu = seconds[name]
@@ -107,6 +122,7 @@ def callback_cost(module: LatentDiffusionModule, cfg: DictConfig, data_root: Pat
             f"{type(callback).__name__} call: {len(callback.items)} pairs, last {settings.last_k_steps} of "
             f"{settings.num_inference_steps} DDIM steps, batch {callback.batch_size}: {wall:.2f} s ({cpu:.2f} CPU-s)"
         )
+    print(f"heatmap grids written: {sum(path is not None for path in heatmaps.written)} of {repeats + 1} calls")
 
 
 def measure_memory(module: LatentDiffusionModule, cfg: DictConfig, data_root: Path, num_items: int) -> dict:
@@ -136,11 +152,15 @@ def in_training_steps(cfg: DictConfig) -> dict[str, int]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a run's .ckpt or a diffusers folder (default: the default architecture)")
-    parser.add_argument("--items", type=int, default=16, help="N for the memory measurement (also runs 4N)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--items", type=int, help=f"N for the memory run, also runs 4N (default {FULL['items']})")
+    parser.add_argument("--repeats", type=int, help=f"timed repetitions, median reported (default {FULL['repeats']})")
+    parser.add_argument("--quick", action="store_true", help=f"seconds, for tests: {QUICK}, {QUICK_OVERRIDES}")
     parser.add_argument("--memory-only", type=int, help=argparse.SUPPRESS)  # the child process of the memory run
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. grounding.batch_size=4")
     args = parser.parse_args(argv)
+    fill_from_preset(args, QUICK if args.quick else FULL)
+    if args.quick:
+        args.overrides = [*QUICK_OVERRIDES, *args.overrides]
     torch.manual_seed(0)
     module, cfg = load_model(args.model, args.overrides)
     data_root = resolve_data_root(cfg.data)
@@ -149,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     print(f"model: {args.model or 'default architecture, random weights'}; torch threads {torch.get_num_threads()}")
     capture_overhead(module, cfg, args.repeats)
-    callback_cost(module, cfg, data_root, args.repeats)
+    with tempfile.TemporaryDirectory(prefix="bench-attention-heatmaps-") as out_dir:
+        callback_cost(module, cfg, data_root, args.repeats, Path(out_dir))
     runs = []
     for num_items in (args.items, 4 * args.items):
         command = [sys.executable, __file__, "--memory-only", str(num_items)]

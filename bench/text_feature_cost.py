@@ -2,6 +2,7 @@
 UNet's training step, and what storing its output would cost on disk, for the default model and for SD 2 base.
 
     python bench/text_feature_cost.py
+    python bench/text_feature_cost.py --quick    # seconds, for tests: the default model only
 
 FLOPs are counted with torch's FLOP formulas (``counted_flops``) on the meta device (no weights, no arithmetic:
 seconds, any model size): the text encoder's forward for one 77-token caption, the UNet's forward + backward for
@@ -12,8 +13,9 @@ one image. Bytes per sample: the encoder's last hidden state (77 x hidden, fp16)
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -120,10 +122,14 @@ def unet_training_flops(unet_config: dict, hidden_size: int) -> int:
     return counted_flops(lambda: unet(latents, timestep, text).sample.float().pow(2).mean().backward())[1]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the default model only, no SD 2 base")
+    args = parser.parse_args(argv)
+    models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
     print(f"{'model':<44}{'text fwd GFLOP':>15}{'UNet train GFLOP':>18}{'text share':>12}")
     sizes = []
-    for name, spec in MODELS.items():
+    for name, spec in models.items():
         text = text_encoder_flops(spec["text"])
         unet = unet_training_flops(spec["unet"], spec["text"].hidden_size)
         print(f"{name:<44}{text / 1e9:>15.1f}{unet / 1e9:>18.1f}{text / (text + unet):>11.1%}")

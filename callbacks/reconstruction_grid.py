@@ -7,7 +7,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from callbacks.image_logging import image_grid, log_image
+from callbacks.image_logging import log_image
+from metrics.pictures import image_grid
 
 
 class ReconstructionGridCallback(L.Callback):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import lightning as L
 
-from callbacks.image_logging import image_grid, log_image
+from callbacks.image_logging import log_image
 from callbacks.periodic import PeriodicCallback
+from metrics.pictures import image_grid
 
 
 class SampleGridCallback(PeriodicCallback):

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, Sampler
 
 
@@ -90,17 +89,6 @@ class ExactlyOnceSampler(Sampler[Draw]):
         filler = mine if len(mine) else order
         for position in range(per_replica - len(mine)):
             yield Draw(int(filler[position % len(filler)]), False)
-
-
-def counted_mean(per_sample: torch.Tensor, loss_weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the counted samples of a batch (``loss_weight`` from DrawnDataset; None: all count).
-
-    A batch of evening-out repeats only gives 0 with zero gradients, so its process still takes its DDP step.
-    """
-    if loss_weight is None:
-        return per_sample.mean()
-    loss_weight = loss_weight.to(per_sample)
-    return (per_sample * loss_weight).sum() / loss_weight.sum().clamp_min(1.0)
 
 
 class DrawnDataset(Dataset):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
 from datamodules.cxr_datamodule import dataset_fingerprint
-from datamodules.sampling import counted_mean
+from lightning_modules.loss_weighting import counted_mean
 
 
 class AutoencoderModule(L.LightningModule):

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from datamodules import synthetic
-from datamodules.synthetic import ensure_synthetic_dataset, generate_synthetic_dataset
+from datamodules.synthetic import ensure_synthetic_dataset, generate_synthetic_dataset, layout
 
-# Column lists and query words as written in /work/shared/data-formats.md and method.md (not imported, so the
-# test fails if the module drifts from the documented formats).
+# Column lists and query words as written in docs/data.md ("The formats read") and docs/method.md ("Attention
+# capture for grounding"), not imported, so the test fails if the module drifts from the documented formats.
 METADATA_COLUMNS = [
     "dicom_id",
     "subject_id",
@@ -278,7 +278,7 @@ def test_interrupted_generation_leaves_no_finished_looking_folder(
         (Path(out_dir) / "mimic-cxr-2.0.0-metadata.csv.gz").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "generate_synthetic_dataset", interrupted)
+    monkeypatch.setattr(layout, "generate_synthetic_dataset", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthetic_dataset(tmp_path, n=6, resolution=32, seed=1)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,5 @@
+"""Entry point of ``python -m datamodules.synthetic``."""
+
+from datamodules.synthetic.cli import main
+
+main()
