@@ -19,6 +19,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers are imported: never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting OpenMP threads sleep: bench/busy_machine.py
 
 import argparse
 import itertools
@@ -46,6 +47,7 @@ from callbacks.fidelity import FIDCallback
 from callbacks.grounding import GroundingCallback
 from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
+from callbacks.tradeoff_panel import TradeoffPanelCallback
 from configs import ConfigError, load_config
 from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint, resolve_data_root
 from datamodules.shards import check_cached_latents, read_split_metadata, split_index_location
@@ -261,6 +263,8 @@ def evaluation_callbacks(cfg: DictConfig, root: Path, run_dir: Path) -> list[L.C
         callbacks.append(GroundingCallback.from_config(cfg, root))
     if cfg.callbacks.fidelity.enabled:
         callbacks.append(FIDCallback.from_config(cfg, root))
+    if cfg.callbacks.tradeoff_panel.enabled:  # after both: it reads what they logged at the step
+        callbacks.append(TradeoffPanelCallback())
     return callbacks
 
 
@@ -322,6 +326,8 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
         outputs["samples"] = samples.written[-1]
     if cfg.callbacks.export_pipeline:
         outputs["pipeline"] = run_dir / "pipeline"
+        if module.adapted:
+            outputs["lora"] = run_dir / "pipeline_lora"  # ExportPipelineCallback's LoRA folder
     return outputs
 
 

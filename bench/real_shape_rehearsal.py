@@ -65,8 +65,8 @@ from metrics.grounding_metrics import PhraseGroundingMetrics
 Result = TypeVar("Result")
 GIB = 2**30
 
-# The paper's scale (method.md): batch 16 for 30k steps at 512 px; all MS-CXR pairs with N = 50 / K = 40;
-# FID on M = 5,000 images of 75 DDIM steps with guidance 4.
+# The paper's scale (docs/method.md, "Training setup"): batch 16 for 30k steps at 512 px; all MS-CXR pairs with
+# N = 50 / K = 40; FID on M = 5,000 images of 75 DDIM steps with guidance 4.
 PAPER = {
     "resolution": 512,
     "steps": 30_000,

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from callbacks.image_logging import TILE, image_grid, log_image
+from callbacks.image_logging import log_image
 from callbacks.ms_cxr_evaluation import MsCxrEvaluationCallback
 from grounding.evaluation import (
     GroundingBatch,
@@ -16,6 +16,7 @@ from grounding.evaluation import (
     grounding_tiles,
     score_caption,
 )
+from metrics.pictures import TILE, image_grid
 
 
 class AttentionHeatmapCallback(MsCxrEvaluationCallback):
@@ -53,7 +54,7 @@ class AttentionHeatmapCallback(MsCxrEvaluationCallback):
         for batch in (batch for batch in batches if batch.samples):
             for sample, heatmap, scores in zip(batch.samples, batch.heatmaps, batch.scores, strict=True):
                 tiles.append(grounding_tiles(sample["pixel_values"], heatmap, sample["boxes"], TILE))
-                labels += [sample["phrase"], score_caption(scores)]
+                labels += [sample["phrase"], score_caption(scores, self.conventions[0])]
         if not tiles:
             return
         settings = self.settings

@@ -15,8 +15,6 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from metrics.grounding_conventions import check_conventions
-
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 STAGES = ("all", "autoencoder", "diffusion")
@@ -110,10 +108,6 @@ def _validate_values(cfg: DictConfig) -> None:
     limit = cfg.train.checkpoints_total_limit
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ConfigError(f"train.checkpoints_total_limit must be null (keep all) or an integer >= 0, got {limit!r}")
-    try:
-        check_conventions(list(cfg.grounding.conventions))
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
     if cfg.data.caption_section not in ("impression", "findings", "both"):
         raise ConfigError(
             f"data.caption_section must be impression, findings or both, got '{cfg.data.caption_section}'"

@@ -1,6 +1,6 @@
 """Phrase-grounding heatmaps: where a latent diffusion model's cross-attention puts the words of a phrase.
 
-Two modes (method.md, "Attention capture for grounding"):
+Two modes (docs/method.md, "Attention capture for grounding"):
 
 - ``phrase_grounding_heatmaps`` (the paper's evaluation): the real image is encoded to latents (posterior
   mean); at each of the last K of N DDIM timesteps the UNet sees that latent forward-noised to the timestep

@@ -3,12 +3,15 @@
 Which parts train is an explicit, recorded choice (``trainable`` ⊆ {unet, text_encoder, vae}): the paper's finding is
 that training the text encoder buys fidelity at the cost of grounding. Frozen parts stay in eval mode, receive no
 gradients, are absent from the optimizer and are not written into checkpoints (they come from their sources).
+A part may instead train through LoRA adapters (``adapters``, see ``adapters.py``): it then counts as trained
+(train mode, EMA, optimizer group, no feature cache) but only its adapter weights train and are checkpointed.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -18,11 +21,18 @@ from diffusers import StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import compute_snr
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 
-from datamodules.sampling import counted_mean
 from datamodules.skips import SkipLedger, skip_metric_name
+from lightning_modules.adapters import (
+    LoraSettings,
+    adapter_settings,
+    add_lora,
+    is_adapter_key,
+    plain_copy,
+    write_lora_weights,
+)
 from lightning_modules.components import (
     DiffusionParts,
     build_diffusion_parts,
@@ -30,6 +40,7 @@ from lightning_modules.components import (
     vae_downsampling_factor,
 )
 from lightning_modules.ema import EmaParts
+from lightning_modules.loss_weighting import counted_mean
 from lightning_modules.objective_reach import unreached_parameters
 from lightning_modules.rng import (
     capture_rng_state,
@@ -76,15 +87,22 @@ class LatentDiffusionModule(L.LightningModule):
         text_feature_cache_size: int = 0,
         text_feature_batch_size: int = 1,
         seed: int = 0,
+        adapters: Mapping[str, LoraSettings] | None = None,
     ) -> None:
         super().__init__()
-        unknown = set(trainable) - set(PART_NAMES)
-        if unknown or not trainable:
-            raise ValueError(f"trainable must be a non-empty subset of {PART_NAMES}, got {list(trainable)}")
+        adapters = dict(adapters or {})
+        unknown = (set(trainable) | set(adapters)) - set(PART_NAMES)
+        if unknown or not (trainable or adapters) or set(trainable) & set(adapters):
+            raise ValueError(
+                f"trainable and adapters must be disjoint subsets of {PART_NAMES}, not both empty; got "
+                f"{list(trainable)} and {list(adapters)}"
+            )
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
-        self.trainable = tuple(name for name in PART_NAMES if name in trainable)
-        self.learning_rates = dict(learning_rates or {})
+        # Trained parts: fully trained ones and adapted ones (``adapted``: only their adapter weights train).
+        self.trainable = tuple(name for name in PART_NAMES if name in trainable or name in adapters)
+        self.adapted = tuple(name for name in PART_NAMES if name in adapters)
+        self.learning_rates = dict(learning_rates or {}) | {name: adapters[name].learning_rate for name in adapters}
         missing_lr = [name for name in self.trainable if name not in self.learning_rates]
         if missing_lr:
             raise ValueError(f"no learning rate given for trainable part(s) {missing_lr}")
@@ -92,7 +110,9 @@ class LatentDiffusionModule(L.LightningModule):
         self.lr_warmup_steps = lr_warmup_steps
         self.ucg_probability, self.snr_gamma = ucg_probability, snr_gamma
         for name in PART_NAMES:
-            getattr(self, name).requires_grad_(name in self.trainable)
+            getattr(self, name).requires_grad_(name in self.trainable and name not in self.adapted)
+        for name in self.adapted:
+            add_lora(name, getattr(self, name), adapters[name])
         self.unused_parameters = self._freeze_what_the_objective_never_reaches()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -116,6 +136,11 @@ class LatentDiffusionModule(L.LightningModule):
     def from_config(cls, cfg: DictConfig, vae_folder: Path | None = None) -> LatentDiffusionModule:
         """The one place where ``model`` and ``train`` config become a module (train.py and evaluation use it)."""
         train_cfg = cfg.train
+        if "unet" in cfg.model.adapters.parts and not (cfg.model.unet.pretrained or cfg.model.pretrained):
+            rank_zero_warn(
+                "model.adapters.parts includes unet but the UNet has no pretrained weights (model.unet.pretrained "
+                "and model.pretrained are null): LoRA adapts a randomly initialised UNet"
+            )
         return cls(
             build_diffusion_parts(cfg.model, cfg.data.resolution, vae_folder=vae_folder),
             trainable=list(cfg.model.trainable),
@@ -131,6 +156,7 @@ class LatentDiffusionModule(L.LightningModule):
             text_feature_cache_size=train_cfg.text_feature_cache_size,
             text_feature_batch_size=text_feature_batch_size(cfg),
             seed=cfg.seed,
+            adapters=adapter_settings(cfg.model.adapters),
         )
 
     # ----------------------------------------------------------------------------------------- parts & modes
@@ -413,14 +439,21 @@ class LatentDiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def state_dict(self, *args, **kwargs):
-        """Only the trainable parts: frozen ones are rebuilt from their (pretrained or cached) sources."""
+        """Only the trainable parts, and of an adapted part its adapter weights: frozen weights are rebuilt from
+        their (pretrained or cached) sources."""
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
         keep = tuple(f"{prefix}{name}." for name in self.trainable)
-        return type(full)((key, value) for key, value in full.items() if key.startswith(keep))
+        adapted = tuple(f"{prefix}{name}." for name in self.adapted)
+        return type(full)(
+            (key, value)
+            for key, value in full.items()
+            if key.startswith(keep) and (is_adapter_key(key) or not key.startswith(adapted))
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trainable_parts"] = list(self.trainable)
+        checkpoint["adapted_parts"] = list(self.adapted)
         checkpoint["skipped_samples"] = self.skipped_samples.state_dict()
         # Every process runs this hook (rank 0 writes the file): each one's random state, so each one resumes its own.
         state = capture_rng_state(self.training_generator, self.device)
@@ -430,10 +463,12 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = tuple(checkpoint.get("trainable_parts", ()))
-        if saved != self.trainable:
+        saved_adapted = tuple(checkpoint.get("adapted_parts", ()))
+        if saved != self.trainable or saved_adapted != self.adapted:
             raise ValueError(
-                f"checkpoint trained parts {list(saved)} but this run trains {list(self.trainable)}; "
-                "set model.trainable to match the checkpoint"
+                f"checkpoint trained parts {list(saved)} (through adapters: {list(saved_adapted)}) but this run "
+                f"trains {list(self.trainable)} (through adapters: {list(self.adapted)}); set model.trainable and "
+                "model.adapters.parts to match the checkpoint"
             )
         self.skipped_samples.load_state_dict(checkpoint.get("skipped_samples", []))
         self._rng_states_to_restore = checkpoint.get("rng_states")
@@ -441,9 +476,10 @@ class LatentDiffusionModule(L.LightningModule):
             self.ema.load_checkpoint_state(checkpoint["ema"], {name: getattr(self, name) for name in self.trainable})
 
     # ----------------------------------------------------------------------------------------- sampling & export
-    def pipeline(self) -> StableDiffusionPipeline:
-        """The standard diffusers pipeline around the evaluation parts (no copies), with DDIM sampling."""
-        parts = self.evaluation_parts()
+    def pipeline(self, **replaced_parts) -> StableDiffusionPipeline:
+        """The standard diffusers pipeline around the evaluation parts (no copies), with DDIM sampling;
+        ``replaced_parts`` (e.g. ``unet=...``) take the place of those parts."""
+        parts = replace(self.evaluation_parts(), **replaced_parts)
         pipe = StableDiffusionPipeline(
             vae=parts.vae,
             text_encoder=parts.text_encoder,
@@ -502,7 +538,25 @@ class LatentDiffusionModule(L.LightningModule):
         return pipe.image_processor.postprocess(decoded, output_type="pt").float().cpu()
 
     def export_pipeline(self, folder: str | Path) -> Path:
-        """Write a StableDiffusionPipeline folder (the evaluation weights: EMA when kept) that diffusers loads."""
+        """Write a StableDiffusionPipeline folder (the evaluation weights: EMA when kept) that diffusers loads;
+        adapters are merged into their parts' weights (a plain pipeline, no peft needed)."""
         folder = Path(folder)
-        self.pipeline().save_pretrained(folder, safe_serialization=True)
+        self._plain_pipeline(merge=True).save_pretrained(folder, safe_serialization=True)
         return folder
+
+    def export_lora(self, folder: str | Path) -> Path:
+        """Write the adapters as diffusers LoRA weights (``pytorch_lora_weights.safetensors``) beside the base
+        pipeline they load onto: the evaluation weights with the adapters left out. ``from_pretrained(folder)``
+        then ``load_lora_weights(folder)`` gives the adapted model. When only adapters train, the base is the model
+        the run started from, so the weights file alone loads onto that model."""
+        if not self.adapted:
+            raise ValueError("export_lora: this model has no adapters (model.adapters.parts is empty)")
+        folder = Path(folder)
+        self._plain_pipeline(merge=False).save_pretrained(folder, safe_serialization=True)
+        parts = self.evaluation_parts()
+        return write_lora_weights(folder, {name: getattr(parts, name) for name in self.adapted})
+
+    def _plain_pipeline(self, merge: bool) -> StableDiffusionPipeline:
+        """The pipeline with every adapted part as a plain model: adapters merged in, or left out (the base)."""
+        parts = self.evaluation_parts()
+        return self.pipeline(**{name: plain_copy(getattr(parts, name), merge) for name in self.adapted})

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from omegaconf import DictConfig
 
 from configs import load_config
@@ -33,6 +34,11 @@ def load_diffusion_module(
     if source.is_dir():
         if not (source / "model_index.json").is_file():
             raise FileNotFoundError(f"'{source}' is a folder without model_index.json (not a diffusers pipeline)")
+        if (source / LORA_WEIGHT_NAME_SAFE).is_file():  # export_lora's folder: its pipeline is the adapters' base
+            raise ValueError(
+                f"'{source}' holds LoRA weights beside their base pipeline; evaluate the merged pipeline (the "
+                "run's pipeline/ folder) or the run's checkpoint instead"
+            )
         cfg = load_config(
             [],
             [
@@ -51,10 +57,15 @@ def load_diffusion_module(
             raise FileNotFoundError(f"checkpoint '{source}' has no run config at {config_file}")
         cfg = load_config([config_file], overrides)
         vae_folder = vae_cache_folder(cfg, resolve_data_root(cfg.data)) if cfg.model.vae.pretrained == "auto" else None
-        module = LatentDiffusionModule.from_config(cfg, vae_folder)
+        # Seeded as train.py seeds the build: randomly initialised frozen weights (a random VAE, the base of an
+        # adapted part without pretrained weights) come out as the run's did.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            module = LatentDiffusionModule.from_config(cfg, vae_folder)
         checkpoint = torch.load(source, map_location="cpu", weights_only=True)
         missing, _ = module.load_state_dict(checkpoint["state_dict"], strict=False)
-        untrained = [key for key in missing if key.split(".")[0] in module.trainable]
+        checkpointed = set(module.state_dict())  # the trained weights (of an adapted part: its adapters)
+        untrained = [key for key in missing if key in checkpointed]
         if untrained:
             raise ValueError(f"checkpoint '{source}' lacks weights of trained parts, e.g. {untrained[:3]}")
         module.on_load_checkpoint(checkpoint)

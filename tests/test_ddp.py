@@ -240,7 +240,7 @@ def test_a_process_whose_batch_is_all_unreadable_still_takes_the_step(
 
 def test_every_trainer_preset_runs_a_strategy_these_tests_run():
     """No untested presets: the two-process tests run DDP exactly as trainer/cpu_ddp sets it (FSDP was removed:
-    Lightning refuses it without CUDA, so it could not be tested here; see the README)."""
+    Lightning refuses it without CUDA, so it could not be tested here; see docs/clusters.md)."""
     presets = sorted(path.stem for path in (REPO / "configs" / "trainer").glob("*.yaml"))
     assert presets == ["cpu_ddp", "ddp", "gpu"]
     assert {load_config([f"trainer/{name}"]).trainer.strategy for name in presets} <= {"ddp", "auto"}

@@ -136,3 +136,9 @@ def test_in_training_grounding_watches_val_and_evaluate_defaults_to_test(tiny_ov
     watched = {(item.dicom_id, item.phrase) for item in callback.items}
     assert watched and watched <= pairs["val"] and not watched & pairs["test"]
     assert cfg.grounding.split == "test"  # evaluate.py's default: the held-out pairs published numbers use
+
+
+def test_an_unknown_convention_fails_when_the_callbacks_are_built_naming_the_key(tiny_overrides, synthetic_root):
+    cfg = load_config([], [*tiny_overrides, "grounding.conventions=[paper_code,bioViL]"])
+    with pytest.raises(ValueError, match=r"grounding.conventions: unknown \['bioViL'\]; known: paper_code, biovil"):
+        GroundingCallback.from_config(cfg, synthetic_root)
