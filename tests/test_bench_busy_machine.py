@@ -4,28 +4,16 @@ Never the ratios' values: how much a competitor slows a step is the machine's bu
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
+from tests.bench_runs import run_bench
 from tests.rounding import follows_from_rounded
 
-REPO = Path(__file__).resolve().parents[1]
 NUMBER = r"([0-9]+\.[0-9]+)"
 
 
 def test_quick_benchmark_reports_quiet_busy_and_their_ratio_per_setting(tmp_path):
     caller = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}  # the bench must override these
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "busy_machine.py"), "--quick"],
-        cwd=tmp_path,
-        env=caller,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out = run_bench("busy_machine.py", "--quick", cwd=tmp_path, env=caller, timeout=240)
     assert "batch 4, 32 px, 1 steps (+1 warm-up) x 1 quiet/busy rounds" in out
 
     line = (

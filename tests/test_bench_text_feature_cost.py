@@ -2,13 +2,11 @@
 MiniLM's matrix products, a text share that follows from the printed FLOPs, and the bytes per sample."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.bench_runs import run_bench
+
 NUMBER = r"([0-9]+\.[0-9]+)"
 TOKENS, HIDDEN, FEED_FORWARD, LAYERS = 77, 384, 1536, 6  # all-MiniLM-L6-v2 on one padded caption
 
@@ -22,15 +20,7 @@ def minilm_forward_flops() -> int:
 
 
 def test_quick_benchmark_counts_the_default_models_flops_and_bytes(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "text_feature_cost.py"), "--quick"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out = run_bench("text_feature_cost.py", "--quick", cwd=tmp_path, timeout=240)
     assert "SD 2 base" not in out
     name = re.escape("default (MiniLM, UNet [32,64,128], 64 px)")
     flops = re.search(rf"^{name}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}%$", out, re.M)
