@@ -480,10 +480,10 @@ def test_train_and_prepare_on_a_damaged_copy_finish_export_and_report_the_counts
     damage_reports(root, samples, free_studies[:2])
     bad_report_images = int(samples["study_id"].isin(free_studies[:2]).sum())
     ms_cxr = pd.read_csv(root / MS_CXR_FILE, dtype=str)
-    test_rows = ms_cxr[ms_cxr["split"] == "test"]
-    unreadable_ms_cxr = test_rows.iloc[0]
+    val_rows = ms_cxr[ms_cxr["split"] == "val"]  # what the in-training grounding watches
+    unreadable_ms_cxr = val_rows.iloc[0]
     (root / unreadable_ms_cxr["path"]).write_bytes(b"\x00" * 10)
-    impossible = test_rows.iloc[-1].copy()
+    impossible = val_rows.iloc[-1].copy()
     impossible["x"] = "-5"
     pd.concat([ms_cxr, impossible.to_frame().T]).to_csv(root / MS_CXR_FILE, index=False)
 
