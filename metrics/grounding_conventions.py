@@ -36,6 +36,7 @@ from metrics.localization import (
     iou_threshold_key,
     miou_fg_bg,
     normalize_heatmap,
+    pixel_auc,
     pointing_game,
     remove_isolated_pixels,
     roc_auc,
@@ -70,7 +71,7 @@ class PairMaps:
     @cached_property
     def bilinear_auc(self) -> float:
         """AUC of the bilinear map; also the method's (its renormalisation is affine: ranks are unchanged)."""
-        return roc_auc(self.gt.cpu().numpy().ravel(), self.p_bilinear.cpu().numpy().ravel())
+        return pixel_auc(self.p_bilinear, self.gt)
 
     @cached_property
     def bilinear_pointing(self) -> float:

@@ -125,11 +125,6 @@ def _em_from(values: np.ndarray, start: GmmFit) -> GmmFit:
     return GmmFit(float(means.mean()), np.array([w0, w1]), means, np.array([v0, v1]))
 
 
-def gmm_threshold(p: torch.Tensor, seed: int = 0) -> float:
-    """Threshold separating a map's low and high values: see ``fit_gmm``."""
-    return fit_gmm(p, seed).threshold
-
-
 def remove_isolated_pixels(mask: torch.Tensor) -> torch.Tensor:
     """3x3 majority filter that only removes: an on pixel stays on iff at least 5 of the 9 pixels of its
     3x3 neighbourhood (itself included) are on; off pixels stay off.

@@ -9,7 +9,7 @@ from metrics.grounding_conventions import convention_scores
 from metrics.grounding_metrics import MS_CXR_CATEGORIES, PhraseGroundingMetrics
 from metrics.localization import (
     cnr,
-    gmm_threshold,
+    fit_gmm,
     iou,
     iou_at_threshold,
     miou_fg_bg,
@@ -53,16 +53,16 @@ def test_gmm_threshold_separates_two_clusters_and_is_reproducible():
     low = 0.1 + 0.02 * torch.randn(200, generator=generator)
     high = 0.9 + 0.02 * torch.randn(56, generator=generator)
     values = torch.cat([low, high]).reshape(16, 16)
-    threshold = gmm_threshold(values, seed=3)
+    threshold = fit_gmm(values, seed=3).threshold
     assert low.max() < threshold < high.min()
     assert abs(threshold - 0.5) < 0.02
-    assert gmm_threshold(values, seed=3) == threshold
+    assert fit_gmm(values, seed=3).threshold == threshold
 
 
 def test_gmm_threshold_degenerate_maps():
     two_values = torch.tensor([[0.2, 0.2], [0.2, 0.6]])
-    assert gmm_threshold(two_values) == pytest.approx(0.4)
-    assert gmm_threshold(torch.full((4, 4), 0.3)) == pytest.approx(0.3)
+    assert fit_gmm(two_values).threshold == pytest.approx(0.4)
+    assert fit_gmm(torch.full((4, 4), 0.3)).threshold == pytest.approx(0.3)
 
 
 # --- isolated-pixel removal ----------------------------------------------------------------------------
