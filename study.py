@@ -107,7 +107,12 @@ def run_one(preset: str, seed: int, args: argparse.Namespace) -> dict:
         ["fidelity", "--model", checkpoint, "--out", str(folder / "fidelity"), "--num-images", str(args.num_images)]
     )
     grounding = json.loads((folder / "grounding" / "summary.json").read_text())
-    fidelity = json.loads((folder / "fidelity" / "fidelity.json").read_text())["metrics"]
+    fidelity_summary = json.loads((folder / "fidelity" / "fidelity.json").read_text())
+    floor = {  # beside fid/<extractor>@M: what this run's VAE alone costs (one VAE per seed in the embedded study)
+        f"fid/{name}_autoencoder_floor@{fidelity_summary['num_images']}": value
+        for name, value in fidelity_summary["autoencoder_floor_fid"].items()
+    }
+    fidelity = fidelity_summary["metrics"] | floor
     result = {
         "preset": name,
         "seed": seed,

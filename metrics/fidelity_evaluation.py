@@ -46,7 +46,13 @@ from metrics.feature_extractors import (
     MissingFeatureExtractorError,
     build_feature_extractor,
 )
-from metrics.fidelity import FidelityMetrics, ReferenceStatistics, reference_cache_file, reference_statistics
+from metrics.fidelity import (
+    FidelityMetrics,
+    FrechetDistance,
+    ReferenceStatistics,
+    reference_cache_file,
+    reference_statistics,
+)
 from metrics.pictures import image_grid
 
 log = logging.getLogger(__name__)
@@ -184,6 +190,31 @@ class FidelityEvaluation:
             references[name] = reference_statistics(extractor, self.real_image_batches, cache_file)
         return references
 
+    @torch.no_grad()
+    def autoencoder_floor(
+        self, module: LatentDiffusionModule, references: Mapping[str, ReferenceStatistics]
+    ) -> dict[str, float]:
+        """Each extractor's FID of the real held-out images against their own VAE reconstructions (posterior mode),
+        on this one process: a generator that decodes through this VAE is judged against this floor, not 0.
+
+        Why: two runs can differ in FID because their autoencoders do (the embedded default trains one per seed),
+        which a comparison of text-encoder choices must not read as their effect.
+        """
+        vae, device = module.evaluation_parts().vae, module.device
+        distances = {
+            name: FrechetDistance(references[name].statistics.feature_sum.numel(), sync_on_compute=False)
+            for name in self.extractor_names
+        }
+        for name, distance in distances.items():
+            distance.load_reference(references[name].statistics)
+        for images in self.real_image_batches():
+            pixels = (images.to(device) * 2 - 1).to(vae.dtype)
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+            reconstructions = (decoded.float() / 2 + 0.5).clamp(0, 1)  # as the pipeline post-processes its images
+            for name, distance in distances.items():
+                distance.update(self.extractor(name).to(device)(reconstructions), real=False)
+        return {name: float(distance.compute()) for name, distance in distances.items()}
+
     def build_metrics(self, references: Mapping[str, ReferenceStatistics] | None) -> FidelityMetrics:
         """Metrics for this evaluation; pass the references on exactly one process (the sync sums statistics)."""
         metrics = FidelityMetrics(
@@ -295,6 +326,7 @@ def run_fidelity(args: argparse.Namespace) -> dict:
             name: None if math.isnan(reference.real_halves_fid) else reference.real_halves_fid
             for name, reference in references.items()
         },
+        "autoencoder_floor_fid": evaluation.autoencoder_floor(module, references),
         "num_images": evaluation.num_images,
         "extractors": list(evaluation.extractor_names),
         "classifier": cfg.fidelity.classifier,
@@ -337,6 +369,11 @@ def write_summary(out_dir: Path, summary: dict, result: FidelityResult) -> None:
         *(
             f"| fid/{name}, real held-out set half vs half (floor at M/2 = {m // 2}) | {value} |"
             for name, value in halves.items()
+        ),
+        *(
+            f"| fid/{name}, real held-out set vs its own VAE reconstructions (the autoencoder's floor at M) "
+            f"| {value:.4f} |"
+            for name, value in summary["autoencoder_floor_fid"].items()
         ),
         "",
         "Lower FID and MS-SSIM are better (MS-SSIM among images of one prompt: lower = more diverse); "

@@ -7,7 +7,9 @@ import json
 import math
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -266,9 +268,12 @@ def test_evaluate_fidelity_writes_json_markdown_and_grid(
     assert 0 <= metrics["diversity/ms_ssim"] <= 1
     assert set(summary["real_halves_fid"]) == {"domain", "linear"}
     assert all(value >= 0 for value in summary["real_halves_fid"].values())
+    assert set(summary["autoencoder_floor_fid"]) == {"domain", "linear"}
+    assert all(value > 0 for value in summary["autoencoder_floor_fid"].values())  # an untrained VAE is no identity
     markdown = (out / "fidelity.md").read_text()
     for name in ("domain", "linear"):
         assert f"| fid/{name}@6 |" in markdown and f"| fid/{name}, real held-out set half vs half" in markdown
+        assert f"| fid/{name}, real held-out set vs its own VAE reconstructions" in markdown
     assert (out / "samples.png").stat().st_size > 0
 
 
@@ -316,6 +321,44 @@ def tiny_evaluation(model_dir: Path, root: Path, cache_dir: Path, *overrides: st
         [*fidelity_overrides(root, cache_dir), "fidelity.num_inference_steps=2", *TINY_MODEL, *overrides],
     )
     return module, FidelityEvaluation(cfg, root, 6)
+
+
+class StandInVae(torch.nn.Module):
+    """``encode(x).latent_dist.mode()`` is x; ``decode(z).sample`` is ``reconstruct(z)``: a VAE of known output."""
+
+    dtype = torch.float32
+
+    def __init__(self, reconstruct) -> None:
+        super().__init__()
+        self.reconstruct = reconstruct
+
+    def encode(self, pixels: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: pixels))
+
+    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.reconstruct(latents))
+
+
+@pytest.mark.parametrize("reconstruct", ["perfect", "grey"])
+def test_autoencoder_floor_is_the_fid_of_the_real_images_against_their_reconstructions(
+    tiny_model_dir, held_out_root, tmp_path, with_linear_extractor, monkeypatch, reconstruct
+):
+    module, evaluation = tiny_evaluation(
+        tiny_model_dir, held_out_root, tmp_path / "cache", "fidelity.extractors=[domain,linear]"
+    )
+    vae = StandInVae((lambda z: z) if reconstruct == "perfect" else torch.zeros_like)  # 0 in [-1, 1]: grey 0.5
+    parts = module.evaluation_parts()
+    monkeypatch.setattr(module, "evaluation_parts", lambda: replace(parts, vae=vae))
+    floor = evaluation.autoencoder_floor(module, evaluation.reference())
+    real = torch.cat(list(evaluation.real_image_batches()))
+    for name in ("domain", "linear"):
+        features = evaluation.extractor(name)
+        if reconstruct == "perfect":  # the set against itself
+            assert floor[name] == pytest.approx(0.0, abs=1e-6)
+        else:  # independently: scipy's FID of the real features against those of as many grey images
+            grey = features(torch.full_like(real, 0.5)).numpy()
+            assert floor[name] == pytest.approx(scipy_frechet_distance(features(real).numpy(), grey), rel=1e-6)
+            assert floor[name] > 0
 
 
 def test_features_and_scores_are_full_precision_inside_autocast():

@@ -47,6 +47,8 @@ def test_study_over_two_seeds_reports_intervals_paired_differences_and_resumes(t
         assert table[column].notna().all(), column
     frozen = table[table["preset"] == names[0]]
     assert frozen[auc].nunique() == 2  # another seed, another draw
+    floor = table.pivot(index="seed", columns="preset", values="fid/domain_autoencoder_floor@3")
+    assert (floor[names[0]] == floor[names[1]]).all() and (floor > 0).all().all()  # the seed's frozen VAE alone
     pd.testing.assert_frame_equal(pd.read_csv(out / "study.csv"), table, check_dtype=False)
 
     # Known answers from the per-seed values: mean, sd (n - 1), t half-width, paired difference per seed.
