@@ -201,18 +201,17 @@ class FidelityEvaluation:
         which a comparison of text-encoder choices must not read as their effect.
         """
         vae, device = module.evaluation_parts().vae, module.device
-        distances = {
-            name: FrechetDistance(references[name].statistics.feature_sum.numel(), sync_on_compute=False)
-            for name in self.extractor_names
-        }
-        for name, distance in distances.items():
-            distance.load_reference(references[name].statistics)
+        extractors = {name: self.extractor(name).to(device) for name in self.extractor_names}
+        distances = {}
+        for name in extractors:
+            distances[name] = FrechetDistance(references[name].statistics.feature_sum.numel(), sync_on_compute=False)
+            distances[name].load_reference(references[name].statistics)
         for images in self.real_image_batches():
             pixels = (images.to(device) * 2 - 1).to(vae.dtype)
             decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
             reconstructions = (decoded.float() / 2 + 0.5).clamp(0, 1)  # as the pipeline post-processes its images
-            for name, distance in distances.items():
-                distance.update(self.extractor(name).to(device)(reconstructions), real=False)
+            for name, extractor in extractors.items():
+                distances[name].update(extractor(reconstructions), real=False)
         return {name: float(distance.compute()) for name, distance in distances.items()}
 
     def build_metrics(self, references: Mapping[str, ReferenceStatistics] | None) -> FidelityMetrics:
