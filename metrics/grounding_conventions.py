@@ -8,11 +8,14 @@ docs/method.md, "Metric conventions"). Scores of one (heatmap, mask) pair under 
     scores = convention_scores(heatmap, gt_mask, ("paper_code", "biovil", "method"))
     scores["paper_code/iou"], scores["biovil/miou"], scores["method/cnr"], ...
 
-The heatmap comes at its own (latent) resolution, the mask at the image's. ``paper_code`` thresholds at the
-map's resolution and ``biovil`` upsamples by nearest neighbour, whose metrics are exact sums over map
-cells; so their cost hardly grows with the image. ``method`` binarises at the mask's resolution by
-definition, so its cost does (its GMM fit starts from the map-resolution fit to need few iterations).
-Shared rules (``metrics.localization``): maps are min-max normalised, a 0/0 is NaN, never an exception.
+The heatmap comes at its own (latent) resolution, the mask at the image's, and at its own scale: the mean
+attention probability, unnormalised, as ``grounding.phrase_grounding`` returns it. ``paper_code`` fits its
+mixture to those raw values, as the reference code does (the fit's absolute covariance regularisation makes
+the threshold depend on the scale); everything else reads the min-max normalised map. ``paper_code``
+thresholds at the map's resolution and ``biovil`` upsamples by nearest neighbour, whose metrics are exact
+sums over map cells; so their cost hardly grows with the image. ``method`` binarises at the mask's
+resolution by definition, so its cost does (its GMM fit starts from the map-resolution fit to need few
+iterations). Shared rules (``metrics.localization``): a 0/0 is NaN, never an exception.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from functools import cached_property
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.mixture import GaussianMixture
 
 from metrics.localization import (
     GmmFit,
@@ -50,12 +54,13 @@ class PairMaps:
 
     def __init__(self, heatmap: torch.Tensor, gt: torch.Tensor, seed: int) -> None:
         self.gt = as_bool_mask(gt, "gt_mask")
-        self.p_map = normalize_heatmap(heatmap)
+        self.p_map = normalize_heatmap(heatmap)  # also rejects a map that is not 2-D or not finite
+        self.raw_map = heatmap.detach()  # unnormalised, for paper_code's mixture fit
         self.seed = seed
 
     @cached_property
     def map_fit(self) -> GmmFit:
-        """The 2-component GMM of the map's own values (seeded)."""
+        """The 2-component GMM of the normalised map's values (seeded); ``method``'s, not ``paper_code``'s."""
         return fit_gmm(self.p_map, self.seed)
 
     def upsample_bilinear(self, values: torch.Tensor) -> torch.Tensor:
@@ -116,19 +121,50 @@ def filter_orphan_pixels_two_way(mask: torch.Tensor) -> torch.Tensor:
     return filtered
 
 
+def reference_gmm_mask(raw_map: torch.Tensor, seed: int) -> torch.Tensor:
+    """The reference code's binarisation: a 2-component Gaussian mixture fitted to the raw map's values, a cell
+    on when its value exceeds the mean of the two component means.
+
+    Follows MischaD/chest-distillation, src/foreground_masks.py, ``GMMMaskSuggestor.get_gaussian_mixture_prediction``:
+    ``GaussianMixture(n_components=2)`` with every other argument at sklearn's default (full covariance, k-means
+    initialisation, ``reg_covar=1e-6``, ``tol=1e-3``, ``max_iter=100``, ``n_init=1``) fitted to the map's cells in
+    row-major order. The map is the one the reference saves: float32, the mean attention probability, never
+    normalised. sklearn gets it as a torch tensor, which it converts to float64, and the threshold is compared
+    with the float32 map as torch compares a tensor with a scalar, in the map's dtype (the threshold rounded
+    to float32). ``reg_covar`` is absolute, so on attention probabilities (~1e-3) it is no small correction:
+    the threshold differs from that of a fit to the min-max normalised map. Ours passes ``random_state=seed``;
+    the reference's one unseeded mixture draws its k-means start from NumPy's global stream, seeded once
+    before all pairs (``seed_everything``), so a pair's start depends on its place in the loop. A constant
+    map keeps sklearn's answer too: k-means finds one cluster, the other mean stays 0, a positive map is all on.
+    """
+    values = raw_map.detach().cpu().to(torch.float32).numpy()
+    mixture = GaussianMixture(n_components=2, random_state=seed).fit(values.reshape(-1, 1).astype(np.float64))
+    return torch.from_numpy(values > np.float32(np.mean(mixture.means_)))
+
+
 def paper_code_scores(pair: PairMaps) -> dict[str, float]:
     """The reference code's localization metrics.
 
-    Follows MischaD/chest-distillation, scripts/compute_bbox_iou.py (``main``'s "computing metrics" loop) with
-    src/foreground_masks.py ``GMMMaskSuggestor`` and src/evaluation/utils.py ``contrast_to_noise_ratio``:
-    the map is binarised at its own resolution by the GMM threshold (mean of the two means), cleaned by the
-    two-way filter, then resized bilinearly to the image and rounded; IoU and the foreground/background
-    mIoU take that mask. AUC, CNR and the pointing game take the normalised map resized bilinearly. CNR:
-    signed contrast over the square root of the sum of the unbiased (n - 1) variances. Differences kept on
-    purpose: the GMM is seeded (theirs is not), the ground-truth mask is our exact box transform (theirs a
-    resized mask), and an empty union is NaN (sklearn's jaccard_score gives 0).
+    Follows MischaD/chest-distillation, scripts/compute_bbox_iou.py (``compute_iou_score``'s "computing metrics"
+    loop; ``main`` in the version that produced the published values) with src/foreground_masks.py
+    ``GMMMaskSuggestor`` and src/evaluation/utils.py ``contrast_to_noise_ratio``: the raw map is binarised at its
+    own resolution by the mixture threshold (``reference_gmm_mask``), cleaned by the two-way filter, then resized
+    bilinearly to the image and rounded; IoU and the foreground/background mIoU take that mask. AUC, CNR and the
+    pointing game take the min-max normalised map resized bilinearly. CNR: signed contrast over the square root
+    of the sum of the unbiased (n - 1) variances.
+
+    Differences kept on purpose: the mixture is seeded (``random_state=seed``; the reference's draws from
+    NumPy's global stream); the ground-truth mask is our exact box transform (the reference resizes a boolean
+    mask bilinearly, which dilates it) at the mask's size (the reference resizes to 512); an empty union is NaN
+    (sklearn's ``jaccard_score`` gives 0); a map with NaN or inf raises (the reference skips a NaN map);
+    the normalised map for AUC, CNR and pointing is computed in float64 (the reference's in float32). The
+    heatmap is ours (``grounding.phrase_grounding``), the same quantity at the same scale as the map the reference
+    saves (head-averaged attention probabilities averaged over the last 40 of 50 steps, every cross-attention
+    layer and the phrase's query-word tokens), made differently in two ways: layer maps are resized bilinearly
+    (the reference repeats pixels), and the selected tokens are averaged together (the reference averages each
+    matched word's tokens, then the words, a word matching two query words counting twice).
     """
-    binary = filter_orphan_pixels_two_way(pair.p_map > pair.map_fit.threshold)
+    binary = filter_orphan_pixels_two_way(reference_gmm_mask(pair.raw_map, pair.seed))
     prediction = pair.upsample_bilinear(binary.double()) > 0.5  # no exact halves at integer scale factors
     p, gt = pair.p_bilinear, pair.gt
     foreground, background = iou(prediction, gt), iou(~prediction, ~gt)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,3 +211,113 @@ def test_paper_code_and_method_share_auc_and_pointing():
     assert scores["paper_code/auc"] == scores["method/auc"]  # same bilinear map up to an affine renormalisation
     assert scores["paper_code/pointing"] == scores["method/pointing"]
     assert scores["paper_code/cnr"] != scores["method/cnr"]
+
+
+# --------------------------------------------------------------------------------------------- paper_code's raw fit
+def three_band_map() -> torch.Tensor:
+    """12x12 at attention-probability scale, full-width bands: rows 0-5 at 1e-3, rows 6-9 at 2e-3, rows 10-11 at
+    4e-3. Full-width bands at least 2 rows high are left alone by the two-way filter."""
+    heatmap = torch.full((12, 12), 1e-3)
+    heatmap[6:10], heatmap[10:] = 2e-3, 4e-3
+    return heatmap
+
+
+def test_paper_code_fits_the_raw_map_where_a_normalised_fit_thresholds_elsewhere():
+    from sklearn.mixture import GaussianMixture
+
+    from metrics.grounding_conventions import reference_gmm_mask
+    from metrics.localization import fit_gmm, normalize_heatmap
+
+    heatmap = three_band_map()
+    # On the raw values reg_covar (1e-6) dwarfs the bands' spread: both components sit near 2e-3 and the threshold
+    # falls between 1e-3 and 2e-3, so the two upper bands are on (rows 6-11). On the normalised map (0, 1/3, 1)
+    # the components are {0, 1/3} and {1}: only the top band (rows 10-11) is on.
+    raw_fit = GaussianMixture(n_components=2, random_state=0).fit(heatmap.double().numpy().reshape(-1, 1))
+    expected = heatmap > float(raw_fit.means_.mean())
+    assert torch.equal(expected, box(12, 6, 0, 6, 12))
+    assert torch.equal(reference_gmm_mask(heatmap, seed=0), expected)
+    normalised = normalize_heatmap(heatmap)
+    assert torch.equal(normalised > fit_gmm(normalised, 0).threshold, box(12, 10, 0, 2, 12))
+
+    gt = box(12, 8, 0, 4, 12)  # rows 8-11
+    scores = convention_scores(heatmap, gt, ("paper_code", "method"))
+    assert scores["paper_code/iou"] == pytest.approx(48 / 72)  # rows 6-11 predicted, 8-11 true
+    assert scores["paper_code/miou"] == pytest.approx((48 / 72 + 72 / 96) / 2)  # background: rows 0-5 of 0-7
+    # method keeps the normalised fit: the top band less its 4 pixels in columns 0 and 11 (4 of 9 on, outside off)
+    assert scores["method/iou"] == pytest.approx(20 / 48)
+
+
+def attention_scale_map(generator: torch.Generator, size: int) -> torch.Tensor:
+    """A smooth random map with a blob, offset and amplitude drawn between 1e-4 and ~3e-2: attention probabilities."""
+    noise = torch.rand(1, 1, size + 4, size + 4, generator=generator, dtype=torch.float64)
+    field = F.avg_pool2d(noise, 5, stride=1)[0, 0]
+    row, col, width, strength, amplitude, offset = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
+    rows = torch.arange(size, dtype=torch.float64)[:, None]
+    cols = torch.arange(size, dtype=torch.float64)[None, :]
+    sigma = 1 + width * size / 6
+    field = field + 2 * strength * torch.exp(-((rows - row * size) ** 2 + (cols - col * size) ** 2) / (2 * sigma**2))
+    field = (field - field.min()) / (field.max() - field.min())
+    return (10 ** (-4 + 2 * offset) + 10 ** (-4 + 2.5 * amplitude) * field).float()
+
+
+def reference_code_iou(attention: torch.Tensor, gt: torch.Tensor, seed: int) -> tuple[float, float]:
+    """IoU and (fg+bg)/2 mIoU step by step as MischaD/chest-distillation computes them: src/foreground_masks.py
+    ``GMMMaskSuggestor`` (``get_gaussian_mixture_prediction`` on the saved float32 map, ``filter_orphan_pixel``),
+    then scripts/compute_bbox_iou.py: ``Resize(512)`` of the binary mask (bilinear; here to the mask's size),
+    ``.round()``, ``jaccard_score`` of the mask and of the complements. Only ``random_state`` is added."""
+    from sklearn.metrics import jaccard_score
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(n_components=2, random_state=seed)
+    gmm.fit(attention.reshape(-1, 1))  # a torch tensor, as the reference passes it
+    binary_img = attention > np.mean(gmm.means_)
+    img = binary_img[None, None].to(torch.float32)
+    img[..., 1:-1, 1:-1] = F.conv2d(img, torch.full((1, 1, 3, 3), 1 / 9), bias=torch.zeros(1))
+    img[img >= 0.5] = 1
+    img[img < 0.5] = 0
+    large = F.interpolate(img, size=tuple(gt.shape), mode="bilinear", align_corners=False).round()[0, 0]
+    truth, prediction = gt.flatten().int().numpy(), large.flatten().int().numpy()
+    foreground = jaccard_score(truth, prediction)
+    background = jaccard_score(1 - truth, 1 - prediction)
+    return foreground, (foreground + background) / 2
+
+
+def test_paper_code_iou_equals_the_reference_code_path_on_attention_scale_maps():
+    generator = torch.Generator().manual_seed(20)
+    differences = []
+    for _ in range(50):
+        attention = attention_scale_map(generator, 32)
+        top, left = torch.randint(0, 128, (2,), generator=generator).tolist()
+        height, width = torch.randint(32, 128, (2,), generator=generator).tolist()
+        gt = box(256, top, left, height, width)
+        scores = convention_scores(attention, gt, ("paper_code",), seed=3)
+        expected_iou, expected_miou = reference_code_iou(attention, gt, seed=3)
+        differences += [abs(scores["paper_code/iou"] - expected_iou), abs(scores["paper_code/miou"] - expected_miou)]
+    assert max(differences) < 1e-12
+
+
+def test_only_paper_code_depends_on_the_heatmaps_scale():
+    heatmap = three_band_map()
+    gt = box(48, 32, 0, 16, 48)
+    conventions = ("paper_code", "biovil", "method")
+    at_attention_scale = convention_scores(heatmap, gt, conventions)
+    rescaled = convention_scores(heatmap * 1000, gt, conventions)  # values 1, 2, 4: reg_covar no longer matters
+    for name, value in at_attention_scale.items():
+        if name in ("paper_code/iou", "paper_code/miou"):
+            assert value != pytest.approx(rescaled[name]), name
+        else:
+            assert value == pytest.approx(rescaled[name], abs=1e-12), name
+
+
+def test_paper_code_keeps_sklearns_answer_on_a_constant_map():
+    """k-means finds one cluster; the empty component's mean stays 0, so the threshold is half the value."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from metrics.grounding_conventions import reference_gmm_mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        assert reference_gmm_mask(torch.full((8, 8), 0.01), seed=0).all()
+        assert not reference_gmm_mask(torch.zeros(8, 8), seed=0).any()
