@@ -126,6 +126,19 @@ def is_adapter_key(key: str) -> bool:
     return ".lora_" in key
 
 
+def check_adapters_reached(part_name: str, part: nn.Module, unreached: list[str]) -> None:
+    """Some adapter weight of ``part`` must get a gradient from the objective (``unreached``: the parameter names
+    ``objective_reach`` found none for); otherwise the adapter trains nothing, say on BERT's unused pooler."""
+    adapters = [name for name, parameter in part.named_parameters() if is_adapter_key(name) and parameter.requires_grad]
+    if adapters and set(adapters) <= set(unreached):
+        layers = sorted({name.split(".lora_")[0] for name in adapters})
+        raise ConfigError(
+            f"model.adapters.{part_name}.target_modules: the diffusion objective reaches none of the adapted layers "
+            f"{layers}, so the adapter would train nothing; adapt layers that the {type(part).__name__}'s output "
+            f"depends on (null: its attention projections)"
+        )
+
+
 def plain_copy(part: nn.Module, merge: bool) -> nn.Module:
     """``part`` without its LoRA layers, each replaced by its base layer: with the LoRA update added to the base
     weights (``merge``) or not (the base model). Every tensor but the merged ones is shared with ``part``."""

@@ -29,6 +29,7 @@ from lightning_modules.adapters import (
     LoraSettings,
     adapter_settings,
     add_lora,
+    check_adapters_reached,
     is_adapter_key,
     plain_copy,
     write_lora_weights,
@@ -40,6 +41,7 @@ from lightning_modules.components import (
     vae_downsampling_factor,
 )
 from lightning_modules.ema import EmaParts
+from lightning_modules.gradient_checkpointing import enable_gradient_checkpointing
 from lightning_modules.loss_weighting import counted_mean
 from lightning_modules.objective_reach import unreached_parameters
 from lightning_modules.rng import (
@@ -113,11 +115,10 @@ class LatentDiffusionModule(L.LightningModule):
             getattr(self, name).requires_grad_(name in self.trainable and name not in self.adapted)
         for name in self.adapted:
             add_lora(name, getattr(self, name), adapters[name])
+        if gradient_checkpointing:  # before the probe below, which must run the forward that trains
+            for name in ("unet", "text_encoder") if "text_encoder" in self.trainable else ("unet",):
+                enable_gradient_checkpointing(getattr(self, name), adapted=name in self.adapted)
         self.unused_parameters = self._freeze_what_the_objective_never_reaches()
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if "text_encoder" in self.trainable:
-                self.text_encoder.gradient_checkpointing_enable()
         # Trained parameters (requires_grad) are set by now: the EMA copies own exactly those.
         self.ema = EmaParts({name: getattr(self, name) for name in self.trainable}, ema_decay) if use_ema else None
         # Frozen parts are rebuilt from their sources, so checkpoints hold only what trains.
@@ -180,7 +181,12 @@ class LatentDiffusionModule(L.LightningModule):
         frozen = []
         for name in (name for name in self.trainable if name in objective_paths):
             part = getattr(self, name)
-            for parameter_name in unreached_parameters(part, objective_paths[name]):
+            unreached = unreached_parameters(part, objective_paths[name])
+            if name in self.adapted:
+                check_adapters_reached(name, part, unreached)
+            elif len(unreached) == sum(parameter.requires_grad for parameter in part.parameters()):
+                raise RuntimeError(f"the objective reaches none of the trainable {name}'s parameters")
+            for parameter_name in unreached:
                 part.get_parameter(parameter_name).requires_grad_(False)
                 frozen.append(f"{name}.{parameter_name}")
         if frozen:

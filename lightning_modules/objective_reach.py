@@ -19,23 +19,34 @@ from torch import nn
 def unreached_parameters(part: nn.Module, objective_path: Callable[[], torch.Tensor]) -> list[str]:
     """Names of ``part``'s parameters that require grad yet get no gradient from ``objective_path()``.
 
-    The probe runs with ``part`` in eval mode (no dropout draw, no norm statistics updated), gradients enabled,
-    and the CPU random state restored afterwards, so building a module draws nothing from the training's RNG.
+    The probe runs the forward that trains: ``part`` in train mode (where transformers checkpoints its layers, and a
+    reentrant checkpoint can cut adapters off), with gradient checkpointing as configured, gradients enabled. It
+    leaves no trace: the mode, the buffers (norm statistics) and the random states of the CPU and the part's CUDA
+    devices (dropout draws) are restored, so building a module draws nothing from the training's RNG.
     Reachability is what DDP checks: a parameter reached with a zero gradient still counts as used.
     """
     named = [(name, parameter) for name, parameter in part.named_parameters() if parameter.requires_grad]
     if not named:
         return []
     was_training = part.training
-    part.eval()
+    buffers = {name: buffer.clone() for name, buffer in part.named_buffers()}
+    gradients = [parameter.grad for _, parameter in named]
+    cuda_devices = sorted({p.device.index or 0 for p in part.parameters() if p.device.type == "cuda"})
+    part.train()
     try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        for _, parameter in named:
+            parameter.grad = None
+        with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False), torch.enable_grad():
             output = objective_path()
-            if not output.requires_grad:
-                raise RuntimeError(f"the objective path of {type(part).__name__} does not depend on its parameters")
-            gradients = torch.autograd.grad(
-                output.float().sum(), [parameter for _, parameter in named], allow_unused=True
-            )
+            if output.requires_grad:  # else it depends on none of them
+                # backward as training does, not autograd.grad: a reentrant checkpoint only accumulates into .grad
+                output.float().sum().backward()
+        return [name for name, parameter in named if parameter.grad is None]
     finally:
         part.train(was_training)
-    return [name for (name, _), gradient in zip(named, gradients, strict=True) if gradient is None]
+        for (_, parameter), gradient in zip(named, gradients, strict=True):
+            parameter.grad = gradient
+        with torch.no_grad():
+            for name, buffer in part.named_buffers():
+                if not torch.equal(buffer, buffers[name]):  # copying into every buffer would hit expanded views
+                    buffer.copy_(buffers[name])

@@ -1,5 +1,6 @@
-"""LoRA adapters (model.adapters): config errors, what trains and what a checkpoint holds, exact resume, attention
-capture through the adapted projections, and both exports reloading in diffusers."""
+"""LoRA adapters (model.adapters): config errors, what trains and what a checkpoint holds, exact resume, gradients
+under gradient checkpointing, attention capture through the adapted projections, and both exports reloading in
+diffusers."""
 
 import csv
 import shutil
@@ -9,9 +10,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import torch.utils.checkpoint
+import transformers.modeling_utils
 from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import PreTrainedModel
 
 import train
 from callbacks.export_pipeline import ExportPipelineCallback
@@ -98,6 +102,17 @@ def test_default_targets_are_each_familys_attention_projections(tiny_overrides, 
     }
 
 
+def test_an_adapter_the_objective_never_reaches_is_an_error(tiny_overrides, tiny_bert_dir):
+    """BERT's pooler is outside the objective: adapting only it would train nothing (found by the objective probe)."""
+    with pytest.raises(ConfigError, match=r"text_encoder.target_modules: .*reaches none .*\['pooler.dense'\]"):
+        tiny_module(
+            tiny_overrides,
+            f"model.text_encoder.pretrained={tiny_bert_dir}",
+            "model.adapters.parts=[text_encoder]",
+            "model.adapters.text_encoder.target_modules=[pooler.dense]",
+        )
+
+
 # ------------------------------------------------------------------------------------------------ training
 def test_only_adapter_weights_train_and_are_checkpointed(tiny_overrides, tmp_path):
     module = tiny_module(tiny_overrides, "model.trainable=[]", BOTH, "train.ema_decay=0.5")
@@ -127,6 +142,58 @@ def test_only_adapter_weights_train_and_are_checkpointed(tiny_overrides, tmp_pat
         not torch.equal(a, b)
         for a, b in zip(adapter_weights(ema).values(), adapter_weights(module.unet).values(), strict=True)
     )
+
+
+@pytest.fixture
+def reentrant_checkpointing(monkeypatch):
+    """What transformers 4.x does to an encoder adapted by peft's ``inject_adapter_in_model``, made stricter:
+    every checkpointed block is reentrant whatever its caller asks (4.x's default), and transformers never hooks the
+    input embeddings to require grad (4.x does so only for adapters loaded through its own ``load_adapter``)."""
+    plain_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def reentrant(function, *args, use_reentrant=None, **kwargs):
+        return plain_checkpoint(function, *args, use_reentrant=True, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", reentrant)  # diffusers and ours look it up per call
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", reentrant)  # transformers imported the name
+    monkeypatch.setattr(PreTrainedModel, "enable_input_require_grads", lambda self: None)
+
+
+ADAPTED_SETUPS = {
+    "LoRA on both, no base weight trains": ["model.trainable=[]", BOTH],
+    "LoRA text encoder beside a trained UNet": ["model.trainable=[unet]", "model.adapters.parts=[text_encoder]"],
+}
+
+
+def one_step_gradients(tiny_training_overrides, *extra: str) -> dict[str, torch.Tensor]:
+    """Gradients of every trained weight from one training step."""
+    module = tiny_module(tiny_training_overrides, "train.use_ema=false", *extra)
+    randomize_adapters(module)  # B = 0 would leave every A with a zero gradient
+    module.train()
+    module.training_step({"pixel_values": tiny_batches(1)[0]["pixel_values"], "caption": CAPTIONS}, 0).backward()
+    return {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("setup", ADAPTED_SETUPS)
+@pytest.mark.parametrize("checkpointing", ["library default", "reentrant, as transformers 4.x"])
+def test_adapters_get_the_same_gradients_with_gradient_checkpointing(
+    tiny_training_overrides, request, checkpointing, setup
+):
+    """An adapted part's input (latents, token ids) requires no grad and its input layer is frozen: checkpointing,
+    which recomputes each block's forward in backward, must still give every adapter weight its gradient."""
+    plain = one_step_gradients(tiny_training_overrides, *ADAPTED_SETUPS[setup])
+    if checkpointing != "library default":
+        request.getfixturevalue("reentrant_checkpointing")
+    checkpointed = one_step_gradients(
+        tiny_training_overrides, *ADAPTED_SETUPS[setup], "model.gradient_checkpointing=true"
+    )
+
+    adapters = [name for name in plain if ".lora_" in name]
+    assert len(adapters) == (2 * (32 + 8) if BOTH in ADAPTED_SETUPS[setup] else 2 * 8)  # A and B per adapted layer
+    assert [name for name in adapters if checkpointed[name] is None or not checkpointed[name].any()] == []
+    assert checkpointed.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def losses(run_dir: Path) -> dict[int, str]:

@@ -1,13 +1,18 @@
-"""Trainable parts train exactly what the objective reaches (issue 11, section 2), and an all-unreadable batch
-still takes its step (section 4): what DDP needs, checked in one process."""
+"""Trainable parts train exactly what the objective reaches (issue 11, section 2), found by a probe of the forward
+that trains (issue 20, item 4), and an all-unreadable batch still takes its step (section 4): what DDP needs,
+checked in one process."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils.checkpoint
+import transformers.modeling_utils
+from torch import nn
 
 from configs import load_config
 from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.objective_reach import unreached_parameters
 
 
 def build_module(overrides: list[str], *extra: str) -> LatentDiffusionModule:
@@ -56,6 +61,52 @@ def test_a_clip_text_encoder_loses_nothing(tiny_training_overrides):
     assert len(module.trainable_parameters()) == len(list(module.unet.parameters())) + len(
         list(module.text_encoder.parameters())
     )
+
+
+class TrainingOnlyBranch(nn.Module):
+    """A part whose training forward differs from its evaluation one, as a checkpointed transformers encoder's does:
+    ``branch`` is used in train mode only; the norm's statistics and the dropout's draws change in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.branch, self.unused = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.norm, self.dropout = nn.BatchNorm1d(3), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.norm(self.trunk(x)))
+        return self.branch(hidden) if self.training else hidden
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_probe_runs_the_training_forward_and_leaves_no_trace(mode):
+    torch.manual_seed(0)
+    part = TrainingOnlyBranch().train(mode == "train")
+    part.trunk.weight.grad = torch.ones(3, 3)  # a gradient already there stays as it was
+    statistics = [buffer.clone() for buffer in part.buffers()]
+    random_state = torch.get_rng_state()
+
+    assert unreached_parameters(part, lambda: part(torch.randn(4, 3))) == ["unused.weight", "unused.bias"]
+    assert part.training == (mode == "train")
+    assert all(torch.equal(a, b) for a, b in zip(part.buffers(), statistics, strict=True))
+    assert torch.equal(torch.get_rng_state(), random_state)
+    assert torch.equal(part.trunk.weight.grad, torch.ones(3, 3)) and part.branch.weight.grad is None
+
+
+def test_the_probe_goes_through_the_checkpointed_layers_of_an_adapted_encoder(tiny_training_overrides, monkeypatch):
+    """With gradient checkpointing, the probe must see the checkpointed forward that trains (a reentrant checkpoint
+    is where adapters can lose their gradient): each of the encoder's layers runs through a checkpoint once."""
+    plain_checkpoint, calls = torch.utils.checkpoint.checkpoint, []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(function)
+        return plain_checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    module = build_module(
+        tiny_training_overrides, "model.adapters.parts=[text_encoder]", "model.gradient_checkpointing=true"
+    )
+    assert len(calls) == module.text_encoder.config.num_hidden_layers == 2 and module.unused_parameters == []
 
 
 def training_batch(module: LatentDiffusionModule, size: int = 2) -> dict:
