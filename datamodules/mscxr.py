@@ -1,9 +1,10 @@
 """MS-CXR phrase-grounding annotations (v1.0.0 and v1.1.0 CSVs) and their model-resolution samples.
 
 One CSV row is one box; a phrase with several boxes spans several rows, not necessarily adjacent.
-`read_ms_cxr` groups them into one `GroundingItem` per (dicom_id, phrase); `load_grounding_sample` puts
-the image and its boxes through the same resize/crop (datamodules.transforms) and rasterises the
-ground-truth mask the grounding metrics compare heatmaps against.
+`read_ms_cxr` groups them into one `GroundingItem` per pair of the chosen pair set (`PAIR_SETS`): by default one
+per (dicom_id, phrase); "reference" gives the rows the paper's code scored. `load_grounding_sample` puts the image
+and its boxes through the same resize/crop (datamodules.transforms) and rasterises the ground-truth mask the
+grounding metrics compare heatmaps against.
 """
 
 from __future__ import annotations
@@ -53,9 +54,36 @@ MS_CXR_SPLITS = ("train", "val", "test")
 _VALIDATE = {"val", "validate"}
 _SPLIT_ALIASES = {"train": {"train"}, "val": _VALIDATE, "validate": _VALIDATE, "test": {"test"}}
 _NUMERIC_COLUMNS = {"x": False, "y": False, "w": True, "h": True, "image_width": True, "image_height": True}
-_PER_PHRASE_COLUMNS = ("path", "category_name", "image_width", "image_height", "split")
 INVALID_BOX_POLICIES = ("error", "skip")
 InvalidBoxPolicy = Literal["error", "skip"]
+
+PairSet = Literal["phrase", "reference"]
+PAIR_SET_DESCRIPTIONS: dict[str, str] = {
+    "phrase": "one per image and phrase (dicom_id, label_text), with all that phrase's boxes",
+    "reference": "one per image and finding (dicom_id, category_name), with all that finding's boxes, kept when "
+    "its rows carry one phrase that names the finding by a query word, as MischaD/chest-distillation (6ab790a) "
+    "scored MS-CXR for its published rows",
+}
+PAIR_SETS = tuple(PAIR_SET_DESCRIPTIONS)
+_GROUP_KEYS = {"phrase": ["dicom_id", "label_text"], "reference": ["dicom_id", "category_name"]}
+_GROUP_AGREES_ON = ("path", "category_name", "image_width", "image_height", "split")  # less its group key
+
+# The reference's query words as of 6ab790a (src/visualization/utils.py MIMIC_STRING_TO_ATTENTION), the table its
+# MS-CXR filter used for the published rows. It is not grounding.token_selection.QUERY_WORDS: that follows the
+# reference's later table (Consolidation + "consolidative", Pneumothorax + "pneumothoraces", Pneumonia without
+# "opacity"/"opacities"), which would keep and drop other rows.
+REFERENCE_FILTER_QUERY_WORDS: dict[str, tuple[str, ...]] = {
+    "Atelectasis": ("atelectasis", "atelectatic"),
+    "Cardiomegaly": ("cardiomegaly", "cardiac"),
+    "Consolidation": ("consolidation", "consolidations"),
+    "Edema": ("edema",),
+    "Lung Opacity": ("opacity", "opacities", "opacification"),
+    "Pleural Effusion": ("pleural", "effusion", "effusions"),
+    "Pneumonia": ("opacities", "pneumonia", "opacity"),
+    "Pneumothorax": ("pneumothorax",),
+}
+EXCLUDED_PHRASES_DIFFER = "its boxes carry different phrases"
+EXCLUDED_NO_QUERY_WORD = "its phrase has no query word of its finding"
 
 
 @dataclass
@@ -81,19 +109,32 @@ def read_ms_cxr(
     split: str | None = None,
     invalid_boxes: InvalidBoxPolicy = "error",
     skipped: SkipLedger | None = None,
+    pairs: PairSet = "phrase",
+    excluded: dict[str, list[str]] | None = None,
 ) -> list[GroundingItem]:
-    """Read an MS-CXR CSV into one item per (dicom_id, label_text), in order of first appearance.
+    """Read an MS-CXR CSV into one item per pair of the pair set `pairs`, in order of first appearance.
+
+    ``pairs="phrase"``: one item per (dicom_id, label_text). ``pairs="reference"``: the rows
+    MischaD/chest-distillation scored for its published values (6ab790a: `MimicCXRDatasetMSBBOX` over its table
+    of one row per image and finding, each finding's boxes and phrases joined by "|", then
+    `apply_filter_for_disease_in_txt`): one item per (dicom_id, category_name) holding all that finding's boxes,
+    left out when its rows carry different phrases (`EXCLUDED_PHRASES_DIFFER`) or when its phrase, split on
+    spaces, has no word containing a query word of its finding in the reference's table of that date
+    (`REFERENCE_FILTER_QUERY_WORDS`, lower case; `EXCLUDED_NO_QUERY_WORD`). Left-out pairs are not bad data; with
+    ``excluded`` given they are listed there, reason → ["<dicom_id> / <category>", ...].
 
     Accepts v1.0.0 (no split column; items get split None) and v1.1.0. `split` keeps only that split
     ("val" and "validate" are the same); filtering by split needs v1.1.0. Raises ValueError naming the
     file and line for missing columns, unknown categories, non-numeric or non-positive sizes, absolute
-    or escaping paths, and rows of one phrase that disagree on path, category, image size or split.
+    or escaping paths, and rows of one pair that disagree on path, category, image size or split.
     A box not wholly inside its image_width x image_height cannot be right: with ``invalid_boxes="error"``
     it is a ValueError naming the line; with ``"skip"`` its row is dropped and recorded in ``skipped`` (id
-    "<file> line N: <dicom_id>", reason "box outside its image"); a phrase left without boxes is dropped.
+    "<file> line N: <dicom_id>", reason "box outside its image"); a pair left without boxes is dropped.
     """
     if invalid_boxes not in INVALID_BOX_POLICIES:
         raise ValueError(f"grounding.invalid_boxes must be one of {INVALID_BOX_POLICIES}, got {invalid_boxes!r}")
+    if pairs not in PAIR_SETS:
+        raise ValueError(f"the MS-CXR pair set must be one of {PAIR_SETS}, got {pairs!r}")
     csv_path = Path(csv_path)
     text_columns = {"dicom_id": str, "category_name": str, "label_text": str, "path": str}
     try:
@@ -128,23 +169,30 @@ def read_ms_cxr(
         table = table[~outside.to_numpy()]
 
     items: list[GroundingItem] = []
-    for (dicom_id, phrase), rows in table.groupby(["dicom_id", "label_text"], sort=False):
-        for column in _PER_PHRASE_COLUMNS:
-            if rows[column].nunique(dropna=False) > 1:
+    key = _GROUP_KEYS[pairs]
+    for (dicom_id, name), rows in table.groupby(key, sort=False):
+        for column in _GROUP_AGREES_ON:
+            if column not in key and rows[column].nunique(dropna=False) > 1:
                 lines = ", ".join(_line(row) for row in rows.index)
                 raise ValueError(
-                    f"{csv_path} {lines}: the boxes of {dicom_id} / {phrase!r} disagree on {column} "
+                    f"{csv_path} {lines}: the boxes of {dicom_id} / {name!r} disagree on {column} "
                     f"({sorted(map(str, rows[column].unique()))})"
                 )
         first = rows.iloc[0]
         if split is not None and first["split"] not in _SPLIT_ALIASES[split]:
             continue
+        if pairs == "reference":
+            reason = _reference_exclusion(first["category_name"], list(rows["label_text"]))
+            if reason is not None:
+                if excluded is not None:
+                    excluded.setdefault(reason, []).append(f"{dicom_id} / {first['category_name']}")
+                continue
         items.append(
             GroundingItem(
                 dicom_id=dicom_id,
                 path=first["path"],
                 category=first["category_name"],
-                phrase=phrase,
+                phrase=first["label_text"],
                 boxes=[tuple(map(float, box)) for box in rows[["x", "y", "w", "h"]].itertuples(index=False)],
                 image_width=int(first["image_width"]),
                 image_height=int(first["image_height"]),
@@ -152,6 +200,17 @@ def read_ms_cxr(
             )
         )
     return items
+
+
+def _reference_exclusion(category: str, phrases: list[str]) -> str | None:
+    """Why the reference's filter leaves an image–finding row out (None: it keeps it). As the reference: phrases
+    compared exactly; the phrase split on single spaces, a word kept when it contains a query word, lower-cased."""
+    if len(set(phrases)) > 1:
+        return EXCLUDED_PHRASES_DIFFER
+    words = [word.lower() for word in phrases[0].split(" ")]
+    if not any(query in word for query in REFERENCE_FILTER_QUERY_WORDS[category] for word in words):
+        return EXCLUDED_NO_QUERY_WORD
+    return None
 
 
 def _boxes_outside_their_image(table: pd.DataFrame) -> pd.Series:

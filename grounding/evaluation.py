@@ -8,10 +8,12 @@ processes), batch by batch, so memory stays flat in the number of items. The com
     python evaluate.py grounding --model /models/sd2-cxr-pipeline --ms-cxr /data/MS_CXR_Local_Alignment_v1.1.0.csv \
         --data-root /data/mimic-cxr-jpg/2.1.0 --split test --heatmaps --out eval/sd2 grounding.batch_size=16
 
-writes ``per_sample.csv`` (one row per image-phrase pair; a rerun skips the rows already there),
-``summary.json`` and ``summary.md`` (overall and per category), and with ``--heatmaps`` one PNG per pair
-(the X-ray and the heatmap overlay, boxes outlined). Trailing ``key=value`` arguments override the model's
-config (``grounding.*`` sets N, K, layers, thresholds, seed, batch size).
+writes ``per_sample.csv`` (one row per pair; a rerun skips the rows already there), ``summary.json`` and
+``summary.md`` (which pairs, then overall and per category), and with ``--heatmaps`` one PNG per pair (the X-ray
+and the heatmap overlay, boxes outlined). ``--pairs`` chooses the pair set (``datamodules.mscxr.PAIR_SETS``): one
+per image and phrase (default), or ``reference``, the image–finding rows the paper's code scored. Trailing
+``key=value`` arguments override the model's config (``grounding.*`` sets N, K, layers, thresholds, seed, batch
+size).
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from datamodules.cxr_datamodule import resolve_data_root
-from datamodules.mscxr import GroundingItem, InvalidBoxPolicy, load_grounding_sample, read_ms_cxr
+from datamodules.mscxr import (
+    PAIR_SET_DESCRIPTIONS,
+    PAIR_SETS,
+    GroundingItem,
+    InvalidBoxPolicy,
+    PairSet,
+    load_grounding_sample,
+    read_ms_cxr,
+)
 from datamodules.skips import SKIP_CROPPED_AWAY, SkipLedger, SkippedSample, describe_skips
 from datamodules.synthetic import MS_CXR_FILE
 from datamodules.transforms import UnreadableImageError
@@ -100,12 +110,15 @@ def grounding_items(
     limit: int | None = None,
     invalid_boxes: InvalidBoxPolicy = "error",
     skipped: SkipLedger | None = None,
+    pairs: PairSet = "phrase",
+    excluded: dict[str, list[str]] | None = None,
 ) -> list[GroundingItem]:
-    """The image-phrase pairs to evaluate: a split of the MS-CXR CSV, category-interleaved, at most ``limit``.
+    """The pairs to evaluate: a split of the MS-CXR CSV, category-interleaved, at most ``limit``.
 
-    ``invalid_boxes`` (``grounding.invalid_boxes``) and ``skipped``: see ``read_ms_cxr``."""
+    ``invalid_boxes`` (``grounding.invalid_boxes``), ``skipped``, ``pairs`` (the pair set) and ``excluded``: see
+    ``read_ms_cxr``."""
     csv_path = resolve_ms_cxr_csv(ms_cxr_csv, data_root)
-    return interleave_categories(read_ms_cxr(csv_path, split, invalid_boxes, skipped), limit)
+    return interleave_categories(read_ms_cxr(csv_path, split, invalid_boxes, skipped, pairs, excluded), limit)
 
 
 def grounding_item_id(item: GroundingItem) -> str:
@@ -316,7 +329,15 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         help="MS-CXR v1.1.0 split; all = every row, as v1.0.0 (no split column) was evaluated "
         "(default: the config's grounding.split, test)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many image-phrase pairs")
+    parser.add_argument(
+        "--pairs",
+        choices=PAIR_SETS,
+        default="phrase",
+        help="phrase: one pair per image and phrase (default); reference: one per image and finding, filtered as "
+        "MischaD/chest-distillation scored MS-CXR for its published rows (like for like with them on --split all "
+        "and the v1.0.0 CSV)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
     parser.add_argument("--out", required=True, help="output folder; rerunning into it resumes")
     parser.add_argument("--heatmaps", action="store_true", help="also write one heatmap PNG per pair")
     add_device_argument(parser)
@@ -329,6 +350,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     path = out_dir / SETTINGS_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
+        previous.setdefault("pairs", "phrase")  # written before --pairs existed: the only pair set then
         if previous != settings:
             changed = sorted(key for key in settings.keys() | previous.keys() if previous.get(key) != settings.get(key))
             raise ValueError(
@@ -343,8 +365,20 @@ def _read_rows(per_sample_csv: Path) -> pd.DataFrame:
     return pd.read_csv(per_sample_csv, dtype={"dicom_id": str, "category": str, "phrase": str})
 
 
-def _row_keys(rows: pd.DataFrame) -> list[tuple[str, str]]:
-    return list(zip(rows["dicom_id"], rows["phrase"], strict=True))
+def _row_keys(rows: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(dicom_id, category, phrase): unique in every pair set (one phrase may name two findings of one image)."""
+    return list(zip(rows["dicom_id"], rows["category"], rows["phrase"], strict=True))
+
+
+def _item_key(item: GroundingItem) -> tuple[str, str, str]:
+    return item.dicom_id, item.category, item.phrase
+
+
+def pair_set_caption(summary: dict[str, Any]) -> str:
+    """One markdown line saying which split and pairs a summary covers, and how many the pair set left out, why."""
+    pairs, split = summary["pairs"], summary["settings"]["split"] or "all"
+    left_out = "".join(f"; {count} left out: {reason}" for reason, count in pairs["excluded"].items())
+    return f"Split `{split}`, pairs `{pairs['set']}`: {pairs['description']}{left_out}.\n"
 
 
 def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
@@ -355,7 +389,10 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     ms_cxr_csv = resolve_ms_cxr_csv(args.ms_cxr or cfg.data.ms_cxr_csv, data_root)
     split = cfg.grounding.split if args.split is None else None if args.split == "all" else args.split
     skipped = SkipLedger()  # rows the CSV reader left out, then pairs the loop could not score
-    items = grounding_items(ms_cxr_csv, data_root, split, args.limit, cfg.grounding.invalid_boxes, skipped)
+    excluded: dict[str, list[str]] = {}  # pairs the pair set leaves out by definition (not bad data)
+    items = grounding_items(
+        ms_cxr_csv, data_root, split, args.limit, cfg.grounding.invalid_boxes, skipped, args.pairs, excluded
+    )
     settings = heatmap_settings(cfg.grounding)
     thresholds = tuple(float(t) for t in cfg.grounding.thresholds)
     conventions = tuple(cfg.grounding.conventions)
@@ -366,6 +403,7 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         "ms_cxr_csv": str(ms_cxr_csv.resolve()),
         "data_root": str(data_root.resolve()),
         "split": split,
+        "pairs": args.pairs,
         "resolution": int(cfg.data.resolution),
         "heatmap_settings": asdict(settings),
         "thresholds": thresholds,
@@ -377,7 +415,7 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if not per_sample_csv.is_file():
         pd.DataFrame(columns=[*ITEM_COLUMNS, *metric.metric_names]).to_csv(per_sample_csv, index=False)
     done = set(_row_keys(_read_rows(per_sample_csv)))
-    remaining = [item for item in items if (item.dicom_id, item.phrase) not in done]
+    remaining = [item for item in items if _item_key(item) not in done]
     heatmap_dir = out_dir / "heatmaps"
     progress = tqdm(total=len(remaining), desc="grounding", unit="pair", disable=None)
 
@@ -395,17 +433,24 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
     done_before = len(items) - len(remaining)
     print(
-        f"[grounding] {len(items)} pairs of {ms_cxr_csv} (split {split or 'all'}), {done_before} done before, "
+        f"[grounding] {len(items)} pairs ({args.pairs}) of {ms_cxr_csv} (split {split or 'all'}), "
+        f"{sum(map(len, excluded.values()))} left out by the pair set, {done_before} done before, "
         f"on {args.device}"
     )
     resolution, batch_size = int(cfg.data.resolution), int(cfg.grounding.batch_size)
     evaluate_grounding(module, remaining, data_root, resolution, settings, metric, batch_size, write_batch)
     progress.close()
 
-    selected = {(item.dicom_id, item.phrase) for item in items}
+    selected = {_item_key(item) for item in items}
     all_rows = _read_rows(per_sample_csv)
     all_rows = all_rows[[key in selected for key in _row_keys(all_rows)]]
     summary = {
+        "pairs": {
+            "set": args.pairs,
+            "description": PAIR_SET_DESCRIPTIONS[args.pairs],
+            "excluded": {reason: len(ids) for reason, ids in excluded.items()},
+            "excluded_ids": excluded,
+        },
         **summarize(all_rows, metric.metric_names),
         "skipped_pairs": len(skipped),
         "skipped": skipped.counts(),
@@ -414,7 +459,7 @@ def run_grounding_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         "settings": json.loads((out_dir / SETTINGS_FILE).read_text()),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown_table(summary, metric.metric_names)
+    table = pair_set_caption(summary) + "\n" + markdown_table(summary, metric.metric_names)
     (out_dir / "summary.md").write_text(table)
     print(table)
     if len(skipped):

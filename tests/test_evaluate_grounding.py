@@ -4,17 +4,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import grounding.evaluation
 from configs import load_config
-from datamodules.mscxr import read_ms_cxr
+from datamodules.mscxr import EXCLUDED_NO_QUERY_WORD, EXCLUDED_PHRASES_DIFFER, PAIR_SET_DESCRIPTIONS, read_ms_cxr
 from grounding.evaluation import evaluate_grounding, heatmap_settings, interleave_categories
 from grounding.phrase_grounding import HeatmapSettings
 from lightning_modules.devices import evaluation_device
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from lightning_modules.loading import load_diffusion_module
 from metrics.grounding_metrics import PhraseGroundingMetrics
+from tests.test_mscxr import REFERENCE_EXCLUDED, REFERENCE_PAIRS, REFERENCE_ROWS, write_reference_csv
 
 TINY_MODEL_OVERRIDES = ["model.text_encoder.max_length=16", "model.text_encoder.use_attention_mask=false"]
 FAST = ["grounding.num_inference_steps=3", "grounding.last_k_steps=2", "grounding.batch_size=2"]
@@ -25,8 +27,8 @@ METRICS = [
 ]
 
 
-def grounding_cli(model: Path, data_root: Path, out: Path, *extra: str) -> dict:
-    argv = ["grounding", "--model", str(model), "--data-root", str(data_root), "--split", "train", "--out", str(out)]
+def grounding_cli(model: Path, data_root: Path, out: Path, *extra: str, split: str = "train") -> dict:
+    argv = ["grounding", "--model", str(model), "--data-root", str(data_root), "--split", split, "--out", str(out)]
     args = evaluate.build_parser().parse_args([*argv, *extra, *TINY_MODEL_OVERRIDES, *FAST])
     return args.run(args)
 
@@ -72,7 +74,14 @@ def test_cli_writes_per_sample_rows_summary_and_heatmaps_and_resumes(
     for category, values in written["per_category"].items():
         assert values["count"] == (rows["category"] == category).sum()
         assert values["paper_code/iou"] == pytest.approx(category_means.loc[category, "paper_code/iou"])
-    table = (out / "summary.md").read_text().splitlines()
+    caption, blank, *table = (out / "summary.md").read_text().splitlines()
+    assert caption == f"Split `train`, pairs `phrase`: {PAIR_SET_DESCRIPTIONS['phrase']}." and blank == ""
+    assert written["pairs"] == {
+        "set": "phrase",
+        "description": PAIR_SET_DESCRIPTIONS["phrase"],
+        "excluded": {},
+        "excluded_ids": {},
+    }
     assert table[0] == "| convention | mean over | iou | miou | auc | cnr | pointing | iou@0.3 | iou@0.5 |"
     assert table[2].startswith("| paper_code | 6 pairs | ") and table[4].startswith("| biovil | 6 pairs | ")
     assert table[4].split(" | ")[2] == ""  # biovil has no GMM IoU: an empty cell, not a made-up value
@@ -104,6 +113,71 @@ def test_resuming_with_other_settings_is_refused(tiny_model_dir, synthetic_root,
     grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "1")
     with pytest.raises(ValueError, match="heatmap_settings"):
         grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "1", "grounding.seed=7")
+
+
+def test_reference_pairs_score_the_reference_rows_with_their_merged_boxes(
+    tiny_model_dir, tmp_path, evaluated_pairs, monkeypatch
+):
+    data_root = tmp_path / "data"
+    for row in REFERENCE_ROWS:
+        image = data_root / row.split(",")[-7]  # the path column
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (200, 300), 128).save(image)
+    ms_cxr = ["--ms-cxr", str(write_reference_csv(tmp_path))]
+    samples = []
+    real = grounding.evaluation.load_grounding_sample
+
+    def spy(item, root, resolution):
+        samples.append(real(item, root, resolution))
+        return samples[-1]
+
+    monkeypatch.setattr(grounding.evaluation, "load_grounding_sample", spy)
+    out = tmp_path / "reference"
+    summary = grounding_cli(tiny_model_dir, data_root, out, *ms_cxr, "--pairs", "reference", split="all")
+
+    expected = [(dicom_id, category, phrase) for dicom_id, category, phrase, _ in REFERENCE_PAIRS]  # one a category
+    rows = pd.read_csv(out / "per_sample.csv", dtype={"dicom_id": str})
+    assert list(zip(rows["dicom_id"], rows["category"], rows["phrase"], strict=True)) == expected
+    assert evaluated_pairs == [phrase for _, _, phrase in expected]  # the model read exactly these phrases
+    # a / Pleural Effusion: its two boxes, 200 x 300 -> 32 x 48 (x 0.16), 8 rows cropped off the top, one mask.
+    effusion = samples[0]
+    assert (effusion["dicom_id"], effusion["category"]) == ("a", "Pleural Effusion")
+    merged = torch.zeros(32, 32, dtype=torch.bool)
+    merged[4:12, 4:12] = True  # (25, 75, 50, 50) -> (4, 4, 8, 8)
+    merged[20:32, 20:28] = True  # (125, 175, 50, 75) -> (20, 20, 8, 12)
+    assert torch.equal(effusion["mask"], merged) and effusion["num_boxes_dropped"] == 0
+
+    counts = {reason: len(ids) for reason, ids in REFERENCE_EXCLUDED.items()}
+    assert summary["count"] == 4 and summary["settings"]["pairs"] == "reference"
+    assert summary["pairs"] == {
+        "set": "reference",
+        "description": PAIR_SET_DESCRIPTIONS["reference"],
+        "excluded": counts,
+        "excluded_ids": REFERENCE_EXCLUDED,
+    }
+    assert json.loads((out / "summary.json").read_text())["pairs"] == summary["pairs"]
+    caption = (out / "summary.md").read_text().splitlines()[0]
+    assert caption == (
+        f"Split `all`, pairs `reference`: {PAIR_SET_DESCRIPTIONS['reference']}; 2 left out: {EXCLUDED_NO_QUERY_WORD}"
+        f"; 1 left out: {EXCLUDED_PHRASES_DIFFER}."
+    )
+    with pytest.raises(ValueError, match="pairs differ"):  # the folder holds another pair set's rows
+        grounding_cli(tiny_model_dir, data_root, out, *ms_cxr, split="all")
+
+    phrase_summary = grounding_cli(tiny_model_dir, data_root, tmp_path / "phrase", *ms_cxr, split="all")
+    assert phrase_summary["count"] == len(REFERENCE_ROWS) - 1  # the default: every (image, phrase), none left out
+    assert phrase_summary["pairs"]["excluded"] == {}
+
+
+def test_a_folder_written_before_the_pair_sets_resumes_as_phrase_pairs(tiny_model_dir, synthetic_root, tmp_path):
+    out = tmp_path / "eval"
+    grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "1")
+    settings = json.loads((out / "settings.json").read_text())
+    del settings["pairs"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    assert grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "2")["count"] == 2
+    with pytest.raises(ValueError, match="pairs differ"):
+        grounding_cli(tiny_model_dir, synthetic_root, out, "--limit", "2", "--pairs", "reference")
 
 
 def test_missing_ms_cxr_csv_is_named(tiny_model_dir, tmp_path):
