@@ -18,6 +18,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+from configs import ConfigError
 
 SD_LATENT_SCALE = 0.18215
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -70,20 +73,66 @@ def _text_encoder_folder(cfg: DictConfig) -> Path:
     return folder
 
 
+def _is_pipeline_text_encoder(cfg: DictConfig) -> bool:
+    """The text encoder is a diffusers pipeline's (``model.pretrained``/text_encoder), not a standalone folder."""
+    return not cfg.text_encoder.pretrained and bool(cfg.pretrained)
+
+
+def _text_setting(
+    cfg: DictConfig, name: str, stated: bool | int | None, source: Path, field: str, expected: str
+) -> bool | int:
+    """The value of ``model.text_encoder.<name>`` given what the encoder's folder states in ``source``.
+
+    A pipeline folder's text encoder is conditioned exactly as diffusers' ``encode_prompt`` conditions it: the
+    folder's value is used, and the key may only be null or repeat it (a pipeline trained without a padding mask
+    must not be evaluated, or fine-tuned, with one by accident of a default). A standalone encoder folder (a plain
+    BERT or CLIP checkpoint, which says nothing about diffusion conditioning) follows the key; null there means
+    the folder's value, refused when the folder states none.
+    """
+    key = f"model.text_encoder.{name}"
+    configured = cfg.text_encoder[name]
+    pipeline = _is_pipeline_text_encoder(cfg)
+    if configured is not None and not pipeline:
+        return configured
+    if stated is None:
+        raise ConfigError(f"{key} is null and {source} states no {field}: set {key} to {expected}")
+    if configured is not None and configured != stated:
+        raise ConfigError(
+            f"{key}={json.dumps(configured)} contradicts the pipeline folder: {source} gives {field}="
+            f"{json.dumps(stated)} (what diffusers conditions its UNet with); set {key}=null to follow the folder"
+        )
+    return stated
+
+
 def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The text encoder's fast tokenizer, its context capped at ``max_length`` (captions are cut to fit it)."""
+    """The text encoder's fast tokenizer; prompts are padded and cut to ``model_max_length`` tokens, which is the
+    pipeline folder's own, or ``model.text_encoder.max_length`` for a standalone encoder (``_text_setting``)."""
     folder = _text_encoder_folder(cfg)
     tokenizer_folder = folder.parent / "tokenizer" if (folder.parent / "tokenizer").is_dir() else folder
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-    tokenizer.model_max_length = int(cfg.text_encoder.max_length)
+    stated = tokenizer.model_max_length if tokenizer.model_max_length < VERY_LARGE_INTEGER else None  # else unset
+    source = tokenizer_folder / "tokenizer_config.json"
+    max_length = _text_setting(cfg, "max_length", stated, source, "model_max_length", "a number of tokens")
+    tokenizer.model_max_length = int(max_length)
     return tokenizer
 
 
 def load_text_encoder(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any transformers encoder with a fast tokenizer (see ``load_tokenizer``)."""
-    encoder = AutoModel.from_pretrained(_text_encoder_folder(cfg), local_files_only=True)
-    # The diffusers pipelines read this flag to decide whether to pass the padding mask to the encoder.
-    encoder.config.use_attention_mask = bool(cfg.text_encoder.use_attention_mask)
+    """Any transformers encoder with a fast tokenizer (see ``load_tokenizer``).
+
+    Whether the padding mask reaches the encoder is written into its config as ``use_attention_mask``, the flag
+    diffusers' ``encode_prompt`` reads (present and true: mask; else none): training, evaluation and an exported
+    pipeline loaded by diffusers all condition alike. A pipeline folder's flag is read as diffusers reads it, so a
+    missing key (SD 2's OpenCLIP encoder) is no mask (``_text_setting``).
+    """
+    folder = _text_encoder_folder(cfg)
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    stated = getattr(encoder.config, "use_attention_mask", None)
+    if _is_pipeline_text_encoder(cfg):
+        stated = bool(stated)
+    expected = "true (BERT-style encoders are trained with the padding mask) or false (CLIP's without)"
+    use_mask = _text_setting(cfg, "use_attention_mask", stated, folder / "config.json", "use_attention_mask", expected)
+    encoder.config.use_attention_mask = bool(use_mask)
     return encoder, load_tokenizer(cfg)
 
 

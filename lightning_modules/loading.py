@@ -44,6 +44,10 @@ def load_diffusion_module(
             [
                 f"model.pretrained={source}",
                 "model.text_encoder.pretrained=null",
+                # The folder's own padding mask and context, as diffusers' encode_prompt uses them
+                # (lightning_modules.components._text_setting); overrides may only repeat them.
+                "model.text_encoder.use_attention_mask=null",
+                "model.text_encoder.max_length=null",
                 "model.vae.pretrained=null",
                 f"data.resolution={_pipeline_resolution(source)}",
                 "train.use_ema=false",
