@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 
+import configs.process_defaults  # noqa: F401  (on import, before torch loads: OpenMP waiting, known noise)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers are imported: never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting OpenMP threads sleep: bench/busy_machine.py
 
 import argparse
 import itertools
@@ -34,8 +35,9 @@ from datetime import datetime
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -45,8 +47,11 @@ from callbacks.data_report import DATA_REPORT_FILE, DataReportCallback, describe
 from callbacks.export_pipeline import ExportPipelineCallback
 from callbacks.fidelity import FIDCallback
 from callbacks.grounding import GroundingCallback
+from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.parts_summary import PartsSummary
 from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
+from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.tradeoff_panel import TradeoffPanelCallback
 from configs import ConfigError, load_config
 from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint, resolve_data_root
@@ -73,13 +78,10 @@ def make_run_dir(cfg: DictConfig) -> Path:
     """The run folder: the resumed checkpoint's, or a new one that every process of the run agrees on.
 
     Processes that Lightning spawns inherit the name through an environment variable; processes started by SLURM
-    share the job id, so a requeued job finds its folder (and Lightning's requeue checkpoint in it) again.
+    share the job id, so a requeued job finds its folder (and the last.ckpt in it) again.
     """
     if cfg.resume == "last":
-        candidates = sorted(Path(cfg.run_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise FileNotFoundError(f"resume=last: no checkpoints/last.ckpt under {cfg.run_dir}/*/")
-        return candidates[-1].parent.parent
+        return run_to_continue(Path(cfg.run_dir))
     if cfg.resume:
         checkpoint = Path(cfg.resume)
         if not checkpoint.is_file():
@@ -95,10 +97,50 @@ def make_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def run_to_continue(run_root: Path) -> Path:
+    """resume=last: the run folder started or resumed most recently (each start writes its config.yaml), and only
+    that one. If it has no checkpoints/last.ckpt, an error names it and the runs that have one: continuing an older
+    run instead would silently cross into another run. A process Lightning spawned takes process 0's choice."""
+    name = os.environ.get(RUN_NAME_VARIABLE)
+    if name is not None:
+        return run_root / name
+    runs = [config.parent for config in sorted(run_root.glob("*/config.yaml"), key=lambda path: path.stat().st_mtime)]
+    if not runs:
+        raise FileNotFoundError(f"resume=last: no run folder (one with a config.yaml) under {run_root}/")
+    newest = runs[-1]
+    if not (newest / "checkpoints" / "last.ckpt").is_file():
+        with_last = [str(run / "checkpoints" / "last.ckpt") for run in reversed(runs) if run != newest]
+        with_last = [path for path in with_last if Path(path).is_file()]
+        step_files = sorted(path.name for path in (newest / "checkpoints").glob("step*.ckpt"))
+        raise FileNotFoundError(
+            f"resume=last: the newest run, {newest} (started or resumed last, by its config.yaml), has no "
+            f"checkpoints/last.ckpt: it stopped before its first checkpoint"
+            + (f" (its step checkpoints: {', '.join(step_files)})" if step_files else "")
+            + ". resume=last continues only the newest run; "
+            + (f"runs with a last.ckpt, newest first: {', '.join(with_last)}. " if with_last else "")
+            + "Pass resume=<checkpoint path> to continue one of them, or leave resume unset to start afresh."
+        )
+    os.environ[RUN_NAME_VARIABLE] = newest.name  # the processes Lightning spawns continue the same run
+    report_line(f"[resume] resume=last: continuing the newest run, {newest}")
+    return newest
+
+
+def requeued_slurm_job(run_dir: Path) -> bool:
+    """Whether this is a SLURM job started again by `scontrol requeue` (see callbacks/slurm_requeue.py) in its
+    own run folder."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return job is not None and run_dir.name == f"slurm-{job}" and os.environ.get("SLURM_RESTART_COUNT", "0") != "0"
+
+
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    if not cfg.resume:
-        return None
-    return str(run_dir / "checkpoints" / "last.ckpt") if cfg.resume == "last" else str(cfg.resume)
+    """The checkpoint to resume: resume=last or resume=<path>, or a requeued SLURM job's own last.ckpt."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume:
+        return str(last) if cfg.resume == "last" else str(cfg.resume)
+    if requeued_slurm_job(run_dir) and last.is_file():
+        report_line(f"[resume] requeued SLURM job: continuing from {last}")
+        return str(last)
+    return None
 
 
 def build_datamodule(
@@ -156,21 +198,22 @@ def build_loggers(cfg: DictConfig, run_dir: Path, job: str) -> list[Logger]:
         loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=job, default_hp_metric=False))
     wandb_cfg = cfg.logger.wandb
     if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
-        loggers.append(
-            WandbLogger(
-                save_dir=str(run_dir),
-                project=wandb_cfg.project,
-                entity=wandb_cfg.entity,
-                group=wandb_cfg.group,
-                name=f"{cfg.name}/{run_dir.name}/{job}",
-                tags=list(wandb_cfg.tags),
-                job_type=job,
-                mode=wandb_cfg.mode,
-                id=wandb_run_id(run_dir, job),
-                resume="allow",  # a resumed run continues the same W&B run and its curves
-                log_model=wandb_cfg.log_model,
-            )
+        wandb_logger = WandbLogger(
+            save_dir=str(run_dir),
+            project=wandb_cfg.project,
+            entity=wandb_cfg.entity,
+            group=wandb_cfg.group,
+            name=f"{cfg.name}/{run_dir.name}/{job}",
+            tags=list(wandb_cfg.tags),
+            job_type=job,
+            mode=wandb_cfg.mode,
+            id=wandb_run_id(run_dir, job),
+            resume="allow",  # a resumed run continues the same W&B run and its curves
+            log_model=wandb_cfg.log_model,
         )
+        # Lightning always passes wandb.init(anonymous=None), which wandb >= 0.22 answers with a deprecation warning.
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -191,6 +234,9 @@ def trainer_for(
         raise ConfigError("trainer.use_distributed_sampler must stay false: CxrDataModule shards the data itself")
     # The datamodule's ExactlyOnceSampler already gives each process its share; Lightning must not re-shard it.
     kwargs["use_distributed_sampler"] = False
+    if SLURMEnvironment.detect():  # callbacks/slurm_requeue.py handles the time-limit signal instead of Lightning
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    kwargs["enable_model_summary"] = False  # each stage's PartsSummary line instead (callbacks/parts_summary.py)
     return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
 
 
@@ -214,7 +260,7 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
     trainer = trainer_for(
         cfg,
         run_dir,
-        [ReconstructionGridCallback(run_dir / "images")],
+        [ReconstructionGridCallback(run_dir / "images"), PartsSummary("autoencoder")],
         loggers,
         max_steps=ae_cfg.max_steps,
         val_check_interval=max(1, ae_cfg.max_steps // 2),
@@ -283,8 +329,10 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
         monitor="step",
         mode="max",
         save_top_k=-1 if limit is None else limit,
-        save_last=True,
     )
+    # last.ckpt, the run's newest resumable state, on its own: replaced atomically at each checkpointing step, at the
+    # end of training and on SIGTERM or a crash; never deleted. Before `checkpoints`: never older than a step file.
+    last = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", cfg.train.checkpointing_steps)
     samples = SampleGridCallback(
         cfg.sampling.validation_prompts,
         run_dir / "images",
@@ -293,10 +341,11 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
         cfg.sampling.guidance_scale,
         seed=cfg.seed,
     )
-    # On SIGTERM/SIGINT or a crash, last.ckpt holds the state at the interruption (written atomically by Lightning).
-    on_interrupt = OnExceptionCheckpoint(dirpath=run_dir / "checkpoints", filename="last")
-    callbacks: list[L.Callback] = [checkpoints, on_interrupt, LearningRateMonitor(logging_interval="step"), samples]
+    callbacks: list[L.Callback] = [last, checkpoints, LearningRateMonitor(logging_interval="step"), samples]
+    if "SLURM_JOB_ID" in os.environ:
+        callbacks.append(SlurmRequeue(last, os.environ["SLURM_JOB_ID"]))
     callbacks += [DataReportCallback(run_dir / DATA_REPORT_FILE), *evaluation_callbacks(cfg, root, run_dir)]
+    callbacks.append(PartsSummary("diffusion"))
     if cfg.callbacks.export_pipeline:
         callbacks.append(ExportPipelineCallback(run_dir / "pipeline"))
     loggers = build_loggers(cfg, run_dir, "diffusion")
@@ -309,17 +358,18 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
             f"refusing to load checkpoint '{checkpoint}': it holds objects that would run code when unpickled"
         ) from error
     except SIGTERMException:
-        pass  # the scheduler's time limit: OnExceptionCheckpoint has written last.ckpt; reported below
-    last = run_dir / "checkpoints" / "last.ckpt"
+        pass  # the scheduler's time limit: LastCheckpoint has written last.ckpt; reported below
+    # last.ckpt already holds the final (or interrupted) state: a logger that hangs while finishing cannot lose it.
     finish_loggers(loggers)
     if trainer.interrupted:
         raise SystemExit(
-            f"[interrupted] at step {trainer.global_step}; {last} holds that state. "
-            f"Continue with: python train.py <the same arguments> resume={last}"
+            f"[interrupted] at step {trainer.global_step}; {last.path} holds that state. "
+            f"Continue with: python train.py <the same arguments> resume={last.path}"
+            if last.path.is_file()
+            else f"[interrupted] at step {trainer.global_step}, before training started: no checkpoint written"
         )
-    trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever checkpointing_steps was
     outputs = {
-        "checkpoint": last,
+        "checkpoint": last.path,
         "metrics": run_dir / "diffusion" / "metrics.csv",
     }
     if samples.written:

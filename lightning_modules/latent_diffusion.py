@@ -45,8 +45,7 @@ from lightning_modules.gradient_checkpointing import enable_gradient_checkpointi
 from lightning_modules.loss_weighting import counted_mean
 from lightning_modules.objective_reach import unreached_parameters
 from lightning_modules.rng import (
-    capture_rng_state,
-    gather_from_every_rank,
+    every_rank_state,
     restore_rng_state,
     seed_process,
     seed_training_generator,
@@ -129,6 +128,10 @@ class LatentDiffusionModule(L.LightningModule):
         self.seed = seed
         self.training_generator = seed_training_generator(torch.Generator(), seed, rank=0)
         self._rng_states_to_restore: dict | None = None
+        # Every process's random state at the last step boundary (what checkpoints hold: saving needs no
+        # collective), and the one gathered during the step in progress, kept once its optimizer step is done.
+        self._rng_states: dict | None = None
+        self._rng_states_of_this_step: dict | None = None
         self.text_feature_cache_size = text_feature_cache_size
         self.text_feature_batch_size = text_feature_batch_size
         self.text_feature_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -314,8 +317,9 @@ class LatentDiffusionModule(L.LightningModule):
         noisy_latents, target = self.noisy_latents_and_target(latents, noise, timesteps)
         text_features = self.evaluation_text_features(captions) if evaluation else self.encode_text(captions)
         unet = self.evaluation_parts().unet if evaluation else self.unet
-        # A bf16-true UNet needs bf16 input; under bf16-mixed autocast casts inside each layer as usual.
-        prediction = unet(noisy_latents.to(unet.dtype), timesteps, text_features).sample
+        # A bf16-true UNet needs bf16 input; under bf16-mixed autocast casts inside each layer as usual. The input
+        # layer's dtype, not ``unet.dtype``: that walks every submodule looking for casting hooks (~1 ms a step).
+        prediction = unet(noisy_latents.to(unet.conv_in.weight.dtype), timesteps, text_features).sample
         with torch.autocast(latents.device.type, enabled=False):
             per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
             if self.snr_gamma is not None:
@@ -399,6 +403,7 @@ class LatentDiffusionModule(L.LightningModule):
         if stage == "fit":
             self.training_generator = torch.Generator(device=self.trainer.strategy.root_device)
             seed_process(self.training_generator, self.seed, self.global_rank)
+            self._rng_states = every_rank_state(self.training_generator, self.trainer.strategy.root_device)
 
     def on_train_start(self) -> None:
         """Train mode (Lightning keeps each module's mode; from_pretrained parts arrive in eval), and a resumed
@@ -416,11 +421,20 @@ class LatentDiffusionModule(L.LightningModule):
             )
             self._rng_states_to_restore = None
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Every process's random state once this step has drawn everything (backward draws nothing), gathered
+        here, where every process arrives: a checkpoint saved later, by process 0 alone, needs no collective."""
+        self._rng_states_of_this_step = every_rank_state(self.training_generator, self.device)
+
     def optimizer_step(self, *args, **kwargs) -> None:
-        """EMA follows every optimizer step here, before callbacks (checkpointing) see the step's end."""
+        """EMA follows every optimizer step here, before callbacks (checkpointing) see the step's end; then the
+        step's random states become the checkpoint's, with the weights they belong to (a crash before this point
+        leaves both at the previous step)."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.step({name: getattr(self, name) for name in self.trainable})
+        if self._rng_states_of_this_step is not None:
+            self._rng_states, self._rng_states_of_this_step = self._rng_states_of_this_step, None
 
     def evaluation_parts(self) -> DiffusionParts:
         """The weights every evaluation uses (validation, sampling, grounding, FID, export): the EMA copy of each
@@ -461,9 +475,10 @@ class LatentDiffusionModule(L.LightningModule):
         checkpoint["trainable_parts"] = list(self.trainable)
         checkpoint["adapted_parts"] = list(self.adapted)
         checkpoint["skipped_samples"] = self.skipped_samples.state_dict()
-        # Every process runs this hook (rank 0 writes the file): each one's random state, so each one resumes its own.
-        state = capture_rng_state(self.training_generator, self.device)
-        checkpoint["rng_states"] = {"per_rank": gather_from_every_rank(state)}
+        # Every process's random state at the last step boundary, gathered while training: process 0 may be the
+        # only process here (it saves alone after another one crashed), so this hook enters no collective.
+        if self._rng_states is not None:
+            checkpoint["rng_states"] = self._rng_states
         if self.ema is not None:
             checkpoint["ema"] = self.ema.checkpoint_state()
 
@@ -477,7 +492,8 @@ class LatentDiffusionModule(L.LightningModule):
                 "model.adapters.parts to match the checkpoint"
             )
         self.skipped_samples.load_state_dict(checkpoint.get("skipped_samples", []))
-        self._rng_states_to_restore = checkpoint.get("rng_states")
+        # Until the first resumed step, the loaded states are this run's newest (a save before it writes them back).
+        self._rng_states_to_restore = self._rng_states = checkpoint.get("rng_states")
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_checkpoint_state(checkpoint["ema"], {name: getattr(self, name) for name in self.trainable})
 

@@ -4,8 +4,12 @@ Each process draws its timesteps, noise, caption dropout and posterior samples f
 (seed, global rank): under DDP the processes see different draws, and every run sees the same ones. The generator
 lives on the training device: drawing SD-2's noise on the CPU and copying it costs milliseconds a step, on the GPU
 nothing (the draws then differ between a CPU and a GPU run, as the arithmetic does anyway). The global
-generators (dropout inside the networks) are seeded per process too. A checkpoint stores every process's state
-(all of them gathered, since only rank 0 writes the file); on resume each process takes back its own.
+generators (dropout inside the networks) are seeded per process too. A checkpoint stores every process's state;
+on resume each process takes back its own.
+
+The states are gathered while training, at a point every process reaches together (each step, after its draws),
+never when a checkpoint is saved: process 0 may save alone (after another process crashed, or on SLURM's
+time-limit signal), and a collective there would wait forever for processes that are elsewhere.
 
 When the number of processes changes, a process with a saved state takes it back (the run continues, though its
 data shards, and so its draws, differ from an uninterrupted run's anyway) and a process without one is seeded from
@@ -58,6 +62,12 @@ def gather_from_every_rank(state: dict) -> list[dict]:
     gathered: list[dict | None] = [None] * world_size
     torch.distributed.all_gather_object(gathered, state)
     return [entry for entry in gathered if entry is not None]
+
+
+def every_rank_state(generator: torch.Generator, device: torch.device) -> dict[str, list[dict]]:
+    """The checkpoint's ``rng_states``: every process's state, in rank order. A collective under DDP: call it only
+    where every process arrives."""
+    return {"per_rank": gather_from_every_rank(capture_rng_state(generator, device))}
 
 
 def state_for_rank(saved: dict | None, rank: int) -> dict | None:

@@ -1,5 +1,6 @@
 """train.checkpoints_total_limit: only the newest k step checkpoints stay (plus last.ckpt), across a resume too."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,85 @@ def test_no_limit_keeps_every_step_checkpoint(tiny_training_overrides):
 def test_a_bad_limit_is_a_config_error(value):
     with pytest.raises(ConfigError, match="train.checkpoints_total_limit"):
         load_config([], [f"train.checkpoints_total_limit={value}"])
+
+
+def test_last_ckpt_holds_the_final_state_before_the_loggers_finish(tiny_training_overrides, tmp_path, monkeypatch):
+    """A W&B finish that hangs until the job is killed: the kill lands after fit, inside finish_loggers. last.ckpt
+    must already hold the final state (step 3, past the last step checkpoint at 2), bit for bit."""
+    overrides = [*tiny_training_overrides, "trainer.max_steps=3"]
+    finished = run(overrides, "train.checkpointing_steps=2", f"run_dir={tmp_path / 'finished'}")["run_dir"]
+
+    def killed_while_finishing(loggers) -> None:
+        raise KeyboardInterrupt("killed while W&B was finishing")
+
+    monkeypatch.setattr(train, "finish_loggers", killed_while_finishing)
+    with pytest.raises(KeyboardInterrupt):
+        run(overrides, "train.checkpointing_steps=2", f"run_dir={tmp_path / 'killed'}")
+    (killed,) = (tmp_path / "killed").iterdir()
+    assert checkpoint_names(killed) == ["last.ckpt", "step000002.ckpt"]
+    final, survived = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True) for run in (finished, killed))
+    assert survived["global_step"] == final["global_step"] == 3
+    for key in ("state_dict", "ema", "optimizer_states", "lr_schedulers", "rng_states", "loops"):
+        assert same(survived[key], final[key]), key
+
+
+def same(a, b) -> bool:
+    """Equal bit for bit, through the nested dicts and lists of a checkpoint."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def write_run(root: Path, name: str, started: float, last_written: float | None) -> Path:
+    """A run folder as train.py leaves it: config.yaml written at its (last) start, maybe a last.ckpt."""
+    folder = root / name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("seed: 42\n")
+    os.utime(folder / "config.yaml", (started, started))
+    if last_written is not None:
+        (folder / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+        os.utime(folder / "checkpoints" / "last.ckpt", (last_written, last_written))
+    return folder
+
+
+@pytest.fixture
+def no_run_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_run_dir names the run in the environment (for the processes Lightning spawns): undone after the test."""
+    monkeypatch.setenv(train.RUN_NAME_VARIABLE, "unset")
+    monkeypatch.delenv(train.RUN_NAME_VARIABLE)
+
+
+def test_resume_last_never_silently_continues_another_run(tmp_path, no_run_name):
+    """The newest run (started last) stopped before its first checkpoint; an older run has a last.ckpt."""
+    older = write_run(tmp_path, "20250101-120000-000000", started=1_000, last_written=2_000)
+    newer = write_run(tmp_path, "20250102-090000-000000", started=3_000, last_written=None)
+    cfg = load_config([], [f"run_dir={tmp_path}", "resume=last"])
+    with pytest.raises(FileNotFoundError) as error:
+        train.make_run_dir(cfg)
+    message = str(error.value)
+    assert f"the newest run, {newer}" in message and str(older / "checkpoints" / "last.ckpt") in message
+    assert train.RUN_NAME_VARIABLE not in os.environ
+
+
+def test_resume_last_takes_the_newest_run_even_if_another_wrote_its_last_ckpt_later(tmp_path, no_run_name):
+    """Run A still training in the background writes last.ckpt after run B (started later) stopped:
+    resume=last continues B, the run started last, not whichever last.ckpt is newest."""
+    write_run(tmp_path, "a", started=1_000, last_written=5_000)
+    newer = write_run(tmp_path, "b", started=3_000, last_written=4_000)
+    assert train.make_run_dir(load_config([], [f"run_dir={tmp_path}", "resume=last"])) == newer
+    assert os.environ[train.RUN_NAME_VARIABLE] == "b"  # the processes Lightning spawns continue B too
+
+
+def test_a_failed_resume_leaves_the_runs_last_ckpt_untouched(tiny_training_overrides):
+    """A resume that fails while restoring (here: other trained parts) must not overwrite last.ckpt with the
+    unrestored model, as an on-exception save did."""
+    first = run(tiny_training_overrides, "trainer.max_steps=2")
+    last = first["run_dir"] / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(ValueError, match="checkpoint trained parts"):
+        run(tiny_training_overrides, "trainer.max_steps=4", "model.trainable=[unet,text_encoder]", "resume=last")
+    assert last.read_bytes() == before

@@ -1,5 +1,5 @@
-"""A run survives interruption: SIGTERM at any moment leaves a checkpoint that resumes to the uninterrupted run's
-weights and EMA bit for bit, and a checkpoint never unpickles code."""
+"""A run survives interruption: SIGTERM or a crash at any moment leaves a checkpoint that resumes to the
+uninterrupted run's weights and EMA bit for bit, and a checkpoint never unpickles code."""
 
 import os
 import signal
@@ -81,9 +81,29 @@ def send_sigterm_to_myself() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+class Crash(RuntimeError):
+    """An error inside a training step, after it drew its noise and timesteps (a bad batch, a device error)."""
+
+
+def crash_in_training_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    original = LatentDiffusionModule.diffusion_loss
+
+    def drawn_then_crashed(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        if self.trainer.training and self.global_step == step:  # not the validation loss
+            raise Crash(f"crashed inside the training step at global step {step}")
+        return loss
+
+    monkeypatch.setattr(LatentDiffusionModule, "diffusion_loss", drawn_then_crashed)
+
+
 def interrupt_at(monkeypatch: pytest.MonkeyPatch, moment: str, step: int) -> None:
     """Send SIGTERM once, at ``moment`` of global step ``step``: inside a training step, inside a validation
-    (not its last batch), or inside an in-training evaluation (the sample grid, grounding, FID)."""
+    (not its last batch), or inside an in-training evaluation (the sample grid, grounding, FID); or crash inside a
+    training step (not a signal: an exception, after the step's random draws)."""
+    if moment == "crash in a training step":
+        crash_in_training_step(monkeypatch, step)
+        return
     sent = []
 
     def wrap(cls, name: str, due) -> None:
@@ -139,6 +159,7 @@ INTERRUPTIONS = [  # (moment, global step when SIGTERM arrives, step the run sto
     ("sample grid", 3, 3),  # inside in-training evaluations
     ("grounding", 3, 3),
     ("FID", 3, 3),
+    ("crash in a training step", 4, 4),  # last.ckpt: the step before, with that step's random state
 ]
 
 
@@ -172,10 +193,14 @@ def test_sigterm_at_any_moment_resumes_to_the_straight_run_bit_for_bit(tiny_trai
         run_dir = [f"run_dir={tmp_path / moment.replace(' ', '-')}-{step}"]
         with monkeypatch.context() as patch:
             interrupt_at(patch, moment, step)
-            with pytest.raises(SystemExit, match=rf"\[interrupted\] at step {stop};"):
+            expected = (
+                (Crash, "crashed") if moment.startswith("crash") else (SystemExit, rf"\[interrupted\] at step {stop};")
+            )
+            with pytest.raises(expected[0], match=expected[1]):
                 train.main([*overrides, *run_dir])
+        (stopped,) = Path(run_dir[0].removeprefix("run_dir=")).glob("*/checkpoints/last.ckpt")
+        assert torch.load(stopped, weights_only=True)["global_step"] == stop
         if moment == "validation":  # really between validation batches: one of the two done
-            (stopped,) = Path(run_dir[0].removeprefix("run_dir=")).glob("*/checkpoints/last.ckpt")
             val_progress = torch.load(stopped, weights_only=True)["loops"]["fit_loop"][
                 "epoch_loop.val_loop.batch_progress"
             ]
