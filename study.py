@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import os
 
+import configs.process_defaults  # noqa: F401  (on import, before torch loads: OpenMP waiting, known noise)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting OpenMP threads sleep: bench/busy_machine.py
 
 import argparse
 import json

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 
+import configs.process_defaults  # noqa: F401  (on import, before torch loads: OpenMP waiting, known noise)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers are imported: never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting OpenMP threads sleep: bench/busy_machine.py
 
 import argparse
 import itertools
@@ -47,6 +48,7 @@ from callbacks.export_pipeline import ExportPipelineCallback
 from callbacks.fidelity import FIDCallback
 from callbacks.grounding import GroundingCallback
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.parts_summary import PartsSummary
 from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
 from callbacks.slurm_requeue import SlurmRequeue
@@ -196,21 +198,22 @@ def build_loggers(cfg: DictConfig, run_dir: Path, job: str) -> list[Logger]:
         loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=job, default_hp_metric=False))
     wandb_cfg = cfg.logger.wandb
     if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
-        loggers.append(
-            WandbLogger(
-                save_dir=str(run_dir),
-                project=wandb_cfg.project,
-                entity=wandb_cfg.entity,
-                group=wandb_cfg.group,
-                name=f"{cfg.name}/{run_dir.name}/{job}",
-                tags=list(wandb_cfg.tags),
-                job_type=job,
-                mode=wandb_cfg.mode,
-                id=wandb_run_id(run_dir, job),
-                resume="allow",  # a resumed run continues the same W&B run and its curves
-                log_model=wandb_cfg.log_model,
-            )
+        wandb_logger = WandbLogger(
+            save_dir=str(run_dir),
+            project=wandb_cfg.project,
+            entity=wandb_cfg.entity,
+            group=wandb_cfg.group,
+            name=f"{cfg.name}/{run_dir.name}/{job}",
+            tags=list(wandb_cfg.tags),
+            job_type=job,
+            mode=wandb_cfg.mode,
+            id=wandb_run_id(run_dir, job),
+            resume="allow",  # a resumed run continues the same W&B run and its curves
+            log_model=wandb_cfg.log_model,
         )
+        # Lightning always passes wandb.init(anonymous=None), which wandb >= 0.22 answers with a deprecation warning.
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -233,6 +236,7 @@ def trainer_for(
     kwargs["use_distributed_sampler"] = False
     if SLURMEnvironment.detect():  # callbacks/slurm_requeue.py handles the time-limit signal instead of Lightning
         kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    kwargs["enable_model_summary"] = False  # each stage's PartsSummary line instead (callbacks/parts_summary.py)
     return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
 
 
@@ -256,7 +260,7 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
     trainer = trainer_for(
         cfg,
         run_dir,
-        [ReconstructionGridCallback(run_dir / "images")],
+        [ReconstructionGridCallback(run_dir / "images"), PartsSummary("autoencoder")],
         loggers,
         max_steps=ae_cfg.max_steps,
         val_check_interval=max(1, ae_cfg.max_steps // 2),
@@ -341,6 +345,7 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
     if "SLURM_JOB_ID" in os.environ:
         callbacks.append(SlurmRequeue(last, os.environ["SLURM_JOB_ID"]))
     callbacks += [DataReportCallback(run_dir / DATA_REPORT_FILE), *evaluation_callbacks(cfg, root, run_dir)]
+    callbacks.append(PartsSummary("diffusion"))
     if cfg.callbacks.export_pipeline:
         callbacks.append(ExportPipelineCallback(run_dir / "pipeline"))
     loggers = build_loggers(cfg, run_dir, "diffusion")

@@ -70,3 +70,23 @@ def test_checkpoint_state_round_trips_and_old_emamodel_states_load():
     again.load_checkpoint_state(old.state_dict(), parts)
     assert again.optimization_step == 2
     assert all(torch.equal(a, b) for a, b in zip(again.copies["unet"].parameters(), old.shadow_params, strict=True))
+
+
+def test_averages_follow_parameters_whose_storage_moved_and_parts_passed_anew():
+    """The parameter lists are kept between steps: they must still be the live ones after ``.to()`` swaps a
+    parameter's storage (``param.data = ...``) and when other part objects are passed."""
+    parts = {"unet": small_part(0)}
+    ours = EmaParts(parts, 0.8)
+    theirs = EMAModel(list(parts["unet"].parameters()), decay=0.8)
+    for step, _ in enumerate(training_steps(parts, 6)):
+        if step == 3:
+            for parameter in parts["unet"].parameters():
+                parameter.data = parameter.data.clone()  # what Module.to(device) does to each parameter
+        ours.step(parts)
+        theirs.step(list(parts["unet"].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.copies["unet"].parameters(), theirs.shadow_params, strict=True))
+
+    other = {"unet": small_part(5)}
+    ours.step(other)
+    theirs.step(list(other["unet"].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.copies["unet"].parameters(), theirs.shadow_params, strict=True))

@@ -1,4 +1,5 @@
-"""train.py end to end on the tiny model: the run folder a user gets, skipped samples, the autoencoder stage."""
+"""train.py end to end on the tiny model: the run folder a user gets, skipped samples, the autoencoder stage, and a
+console that says what matters."""
 
 import csv
 import json
@@ -109,3 +110,46 @@ def test_autoencoder_stage_learns_reconstruction_and_is_cached_for_the_diffusion
     assert "reusing the VAE trained on this data" in capsys.readouterr().out
     assert (cached / "training.json").read_text() == json.dumps(report, indent=2)
     assert outputs["checkpoint"].is_file()
+
+
+# Dependency messages that say nothing about a run (configs/process_defaults.py), Lightning's summary table whose FLOPs
+# read 0 and whose eval-mode count reads like a fault, and W&B's deprecation of an argument Lightning passes.
+NOISE = [
+    "Total FLOPs",
+    "module(s) in eval mode at the start of training",
+    "isinstance(treespec, LeafSpec)",
+    "'set_vital' is deprecated",
+    "requires torchvision (not installed)",
+    "The anonymous setting has no effect",
+    "litlogger",
+]
+
+
+def test_a_newcomers_console_shows_each_stage_in_one_line_and_no_dependency_noise(tiny_overrides, tmp_path):
+    overrides = [o for o in tiny_overrides if not o.startswith(("logger.wandb", "model.vae.pretrained"))]
+    overrides += ["logger.wandb.mode=offline", "model.vae.pretrained=auto", "model.vae.block_out_channels=[16,16,16]"]
+    overrides += ["autoencoder.max_steps=2", "autoencoder.batch_size=4", "autoencoder.val_batches=1"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert [line for line in console.splitlines() if any(noise in line for noise in NOISE)] == []
+    assert "[autoencoder] parts: vae 75.5 K trained (train mode)" in console
+    assert (
+        "[diffusion] parts: unet 203 K trained (train mode); vae 75.5 K frozen (eval mode); text_encoder 19.2 K frozen "
+        "(eval mode); ema 203 K frozen (eval mode); the frozen ones are in eval mode on purpose" in console
+    )
+    assert "[autoencoder] held-out reconstruction MSE" in console and "[done]" in result.stdout
+
+    # The filters match those messages only: the same categories with other texts still show.
+    probe = (
+        "import configs.process_defaults, warnings\n"
+        "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated', FutureWarning)\n"
+        "warnings.warn('a future change that matters', FutureWarning)\n"
+        "warnings.warn('Found 3 module(s) in eval mode at the start of training', UserWarning)\n"
+        "warnings.warn('a user warning that matters', UserWarning)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60).stderr
+    assert "a future change that matters" in shown and "a user warning that matters" in shown
+    assert "LeafSpec" not in shown and "eval mode" not in shown
