@@ -76,7 +76,7 @@ PAPER = {
     "fid_steps": 75,
     "guidance": 4.0,
 }
-GPUS = {"A100": 312e12, "H100 SXM": 989e12}  # bf16 dense tensor-core peak, FLOP/s
+GPUS = {name: sd2_shape.BF16_DENSE_PEAK[name] for name in ("A100", "H100 SXM")}  # the paper-scale table's columns
 GROUNDING = HeatmapSettings(num_inference_steps=50, last_k_steps=40)
 GROUNDING_PAIRS = [("small left pleural effusion", "Pleural Effusion"), ("moderate cardiomegaly", "Cardiomegaly")]
 EXTRACTOR_RESOLUTION, EXTRACTOR_WIDTH = 64, 16  # the `domain` extractor's defaults (fidelity.domain_classifier)

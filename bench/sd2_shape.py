@@ -89,6 +89,10 @@ SD2_SCHEDULER = {
     "clip_sample": False,
     "steps_offset": 1,
 }
+# Dense bf16 tensor-core peaks (without 2:4 sparsity), FLOP/s, from NVIDIA's datasheets: "NVIDIA A100 Tensor Core
+# GPU" (312 TFLOPS, SXM and PCIe), "NVIDIA H100 Tensor Core GPU" (SXM 1,979 and PCIe 1,513 TFLOPS with sparsity,
+# half that dense) and "NVIDIA H200 Tensor Core GPU" (H200 SXM: 1,979 with sparsity, the H100 SXM's compute).
+BF16_DENSE_PEAK = {"A100": 312e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H200": 989e12}
 TOKENIZER_TEXT = [
     "no acute cardiopulmonary process. the lungs are clear.",
     "small left pleural effusion with adjacent atelectasis.",
@@ -238,6 +242,22 @@ def captions(count: int, offset: int = 0) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- measuring
+def bf16_dense_peak(device_name: str) -> tuple[str, float] | None:
+    """The ``BF16_DENSE_PEAK`` row of a GPU named as ``torch.cuda.get_device_name`` names it (an H100 SXM board
+    calls itself "NVIDIA H100 80GB HBM3"); None for what the table lacks (NVL boards, other GPUs, the CPU)."""
+    if "A100" in device_name:
+        row = "A100"
+    elif "H100" in device_name and "PCIe" in device_name:
+        row = "H100 PCIe"
+    elif "H100" in device_name and ("HBM3" in device_name or "SXM" in device_name):
+        row = "H100 SXM"
+    elif "H200" in device_name and "NVL" not in device_name:
+        row = "H200"
+    else:
+        return None
+    return row, BF16_DENSE_PEAK[row]
+
+
 class PeakMemory:
     """Peak memory of a phase: CUDA's allocator peak on a GPU, else the process's peak resident set (VmHWM),
     which Linux lets a process reset (``/proc/self/clear_refs``)."""

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_constant_schedule_with_warmup
+from lightning.pytorch.strategies import Strategy
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -137,9 +138,12 @@ class SteadyStateClock(L.Callback):
         self.end = now
 
 
-def lightning_trainer(cfg: DictConfig, max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:
+def lightning_trainer(
+    cfg: DictConfig, max_steps: int, callbacks: list[L.Callback], strategy: str | Strategy = "auto"
+) -> L.Trainer:
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
+        strategy=strategy,
         devices=1,
         precision=cfg.trainer.precision,
         max_steps=max_steps,
