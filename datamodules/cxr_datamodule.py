@@ -30,7 +30,7 @@ from datamodules.mimic import (
     build_mimic_index,
     collate_skipping_bad,
 )
-from datamodules.sampling import DrawnDataset, ExactlyOnceSampler
+from datamodules.sampling import DrawnDataset, EpochProgress, ExactlyOnceSampler
 from datamodules.shards import ShardDataset
 from datamodules.synthetic import ensure_synthetic_dataset
 
@@ -104,6 +104,8 @@ class CxrDataModule(L.LightningDataModule):
         self.shuffle_window, self.read_latents = shuffle_window, read_latents
         self.indices: dict[str, MimicIndex] = {}
         self.datasets: dict[str, Dataset] = {}
+        self.train_sampler: ExactlyOnceSampler | None = None  # the one Lightning trains from
+        self.progress_to_resume: EpochProgress | None = None
 
     def index(self, split: str) -> MimicIndex:
         """The split's folder index, built once (reading every report is the slow part on real data)."""
@@ -170,9 +172,31 @@ class CxrDataModule(L.LightningDataModule):
 
         Lightning stores the state of a stateful loader in the checkpoint, so a run resumed mid-epoch continues
         with the very next batch. The sampler is built for this process's rank (train.py keeps Lightning from
-        re-sharding it); shards are shuffled shard-locally, ``shuffle_window`` shards at a time.
+        re-sharding it); shards are shuffled shard-locally, ``shuffle_window`` shards at a time. A resumed run's
+        sampler continues the checkpoint's epoch (``state_dict``), on however many processes it now has.
         """
-        return self.train_loader(*self._world())
+        loader = self.train_loader(*self._world())
+        self.train_sampler = loader.sampler
+        if self.progress_to_resume is not None:
+            self.train_sampler.resume(self.progress_to_resume)
+            self.progress_to_resume = None
+        return loader
+
+    def state_dict(self) -> dict:
+        """How far the training epoch got, in every process's draws (the same on every process; rank 0 writes it).
+
+        The loader's own saved position is rank 0's count of draws: enough to continue on the same processes, not
+        to split the rest of the epoch over another number of them. Lightning restores this before it asks for the
+        loader, and counts the batches of the epoch from the first loader it gets, so the sampler must know now.
+        """
+        if self.train_sampler is None or self.trainer is None:
+            return {}
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # fetched this epoch, as the loader
+        return {"train_epoch_progress": self.train_sampler.progress(batches * self.batch_size).state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("train_epoch_progress")
+        self.progress_to_resume = EpochProgress.from_state_dict(saved) if saved else None
 
     def val_dataloader(self) -> DataLoader:
         """Every validation sample once across processes, in dataset order (evening-out repeats weigh 0)."""

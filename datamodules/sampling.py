@@ -5,6 +5,11 @@ the repeats that give every process the same number of batches (so DDP never wai
 lacks) are drawn with ``counted=False`` and carry zero loss weight, so each sample contributes exactly once.
 The order depends on (seed, epoch) alone: torchdata's StatefulDataLoader resumes mid-epoch by replaying the
 sampler up to its saved position, which is exact only for such a sampler.
+
+That position is rank 0's count of draws, which means nothing to a process whose share of the epoch changed. So a
+run resumed mid-epoch on another number of processes continues from an ``EpochProgress`` (kept in the datamodule's
+checkpoint state): the samples every process of each earlier stretch of the epoch had not drawn yet are split anew,
+and each sample still trains exactly once per epoch. On the same number of processes nothing changes.
 """
 
 from __future__ import annotations
@@ -41,12 +46,51 @@ def epoch_order(block_sizes: Sequence[int], seed: int, epoch: int, blocks_per_wi
     return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
 
 
+class EpochProgress(NamedTuple):
+    """How far one epoch's draws got: per stretch with a fixed number of processes, oldest first, that number and
+    the draws each of them took (evening-out repeats included). The last stretch is the one a checkpoint cut."""
+
+    epoch: int
+    num_samples: int
+    stretches: tuple[tuple[int, int], ...]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "num_samples": self.num_samples, "stretches": [list(s) for s in self.stretches]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> EpochProgress:
+        stretches = tuple((int(replicas), int(drawn)) for replicas, drawn in state["stretches"])
+        return cls(int(state["epoch"]), int(state["num_samples"]), stretches)
+
+
+def undrawn(order: np.ndarray, num_replicas: int, drawn: int) -> np.ndarray:
+    """What is left of ``order`` once each of ``num_replicas`` processes drew the first ``drawn`` positions of its
+    contiguous share (positions past a share's end are evening-out repeats and take nothing), in order."""
+    share = math.ceil(len(order) / num_replicas)
+    starts = [rank * share + min(drawn, share) for rank in range(num_replicas)]
+    return np.concatenate([order[start : (rank + 1) * share] for rank, start in enumerate(starts)])
+
+
+class EpochLayout(NamedTuple):
+    """One process's draws of an epoch: ``replayed`` positions drawn before the current stretch (the loader's saved
+    position skips them), then its contiguous share of the samples left, evened out to ``length`` draws."""
+
+    replayed: int
+    share: np.ndarray
+    length: int
+    order: np.ndarray
+
+
 class ExactlyOnceSampler(Sampler[Draw]):
     """This process's contiguous slice of the epoch order, evened out to ceil(N / num_replicas) draws.
 
     Lightning calls ``set_epoch`` at the start of every epoch. With ``shuffle=False`` the order is the
     dataset order (evaluation). ``block_sizes`` are the shard sizes for shard-local shuffling; a single block
     (the default) shuffles globally.
+
+    ``resume`` continues an epoch that a checkpoint cut (see the module docstring). After a change of world size the
+    resumed epoch keeps at least a fresh epoch's length, the samples left first and evening-out repeats after them:
+    Lightning fixes the number of batches of every epoch of a fit from the first one it sees.
     """
 
     def __init__(
@@ -69,25 +113,64 @@ class ExactlyOnceSampler(Sampler[Draw]):
         self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
         self.seed, self.shuffle, self.blocks_per_window = seed, shuffle, blocks_per_window
         self.epoch = 0
+        self.resumed: EpochProgress | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.num_replicas)
+    def resume(self, progress: EpochProgress) -> None:
+        """Continue ``progress.epoch`` on this sampler's processes (the epoch is set now: the loader replays its
+        saved position before Lightning's ``set_epoch``)."""
+        if progress.num_samples != self.num_samples:
+            raise ValueError(
+                f"the checkpoint's epoch {progress.epoch} drew from {progress.num_samples} training samples, but the "
+                f"data now has {self.num_samples}: resume with the data the run was started on"
+            )
+        self.resumed, self.epoch = progress, progress.epoch
 
-    def __iter__(self) -> Iterator[Draw]:
+    def _closed_stretches(self) -> tuple[tuple[int, int], ...]:
+        """The earlier stretches of this epoch; the last saved one goes on when the number of processes is the same."""
+        if self.resumed is None or self.resumed.epoch != self.epoch:
+            return ()
+        stretches = self.resumed.stretches
+        return stretches[:-1] if stretches and stretches[-1][0] == self.num_replicas else stretches
+
+    def layout(self) -> EpochLayout:
         if self.shuffle:
             order = epoch_order(self.block_sizes, self.seed, self.epoch, self.blocks_per_window)
         else:
             order = np.arange(self.num_samples)
-        per_replica = len(self)
-        mine = order[self.rank * per_replica : (self.rank + 1) * per_replica]
-        for index in mine:
+        left = order
+        for replicas, drawn in self._closed_stretches():
+            left = undrawn(left, replicas, drawn)
+        replayed = sum(drawn for _, drawn in self._closed_stretches())
+        per_replica = math.ceil(len(left) / self.num_replicas)
+        share = left[self.rank * per_replica : (self.rank + 1) * per_replica]
+        fresh = math.ceil(self.num_samples / self.num_replicas)
+        return EpochLayout(replayed, share, max(per_replica, fresh - replayed), order)
+
+    def progress(self, position: int) -> EpochProgress:
+        """This epoch once every process has taken ``position`` draws (the loader's position, replays included)."""
+        closed = self._closed_stretches()
+        current = (self.num_replicas, min(position, len(self)) - sum(drawn for _, drawn in closed))
+        return EpochProgress(self.epoch, self.num_samples, (*closed, current))
+
+    def __len__(self) -> int:
+        if not self._closed_stretches():
+            return math.ceil(self.num_samples / self.num_replicas)
+        layout = self.layout()
+        return layout.replayed + layout.length
+
+    def __iter__(self) -> Iterator[Draw]:
+        layout = self.layout()
+        # Replayed positions are only counted off by the loader's saved position: never read, they weigh nothing.
+        for _ in range(layout.replayed):
+            yield Draw(int(layout.order[0]), False)
+        for index in layout.share:
             yield Draw(int(index), True)
-        # Evening out: repeat this slice (or, if empty, the epoch's first samples) without counting them.
-        filler = mine if len(mine) else order
-        for position in range(per_replica - len(mine)):
+        # Evening out: repeat this share (or, if empty, the epoch's first samples) without counting them.
+        filler = layout.share if len(layout.share) else layout.order
+        for position in range(layout.length - len(layout.share)):
             yield Draw(int(filler[position % len(filler)]), False)
 
 
