@@ -52,6 +52,7 @@ from callbacks.parts_summary import PartsSummary
 from callbacks.reconstruction_grid import ReconstructionGridCallback
 from callbacks.sample_grid import SampleGridCallback
 from callbacks.slurm_requeue import SlurmRequeue
+from callbacks.time_report import describe_time, stage_profiler
 from callbacks.tradeoff_panel import TradeoffPanelCallback
 from configs import ConfigError, load_config
 from datamodules.cxr_datamodule import CxrDataModule, dataset_fingerprint, resolve_data_root
@@ -257,11 +258,13 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
         ae_cfg.reconstruction_loss,
     )
     loggers = build_loggers(cfg, run_dir, "autoencoder")
+    profiler = stage_profiler(run_dir, "autoencoder")
     trainer = trainer_for(
         cfg,
         run_dir,
         [ReconstructionGridCallback(run_dir / "images"), PartsSummary("autoencoder")],
         loggers,
+        profiler=profiler,
         max_steps=ae_cfg.max_steps,
         val_check_interval=max(1, ae_cfg.max_steps // 2),
         check_val_every_n_epoch=None,
@@ -296,6 +299,7 @@ def train_autoencoder(cfg: DictConfig, root: Path, run_dir: Path) -> Path:
             f"[autoencoder] held-out reconstruction MSE {before:.4f} -> {after:.4f} "
             f"in {report['seconds']} s; VAE cached at {folder}"
         )
+        report_line(f"[autoencoder] time: {describe_time(profiler, report['seconds'])}")
     trainer.strategy.barrier()
     return folder
 
@@ -349,8 +353,10 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
     if cfg.callbacks.export_pipeline:
         callbacks.append(ExportPipelineCallback(run_dir / "pipeline"))
     loggers = build_loggers(cfg, run_dir, "diffusion")
-    trainer = trainer_for(cfg, run_dir, callbacks, loggers)
+    profiler = stage_profiler(run_dir, "diffusion")
+    trainer = trainer_for(cfg, run_dir, callbacks, loggers, profiler=profiler)
     checkpoint = resume_checkpoint(cfg, run_dir)
+    fit_started = time.perf_counter()
     try:  # weights_only: a checkpoint never runs code when it is unpickled
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -359,6 +365,8 @@ def train_diffusion(cfg: DictConfig, root: Path, vae_folder: Path | None, run_di
         ) from error
     except SIGTERMException:
         pass  # the scheduler's time limit: LastCheckpoint has written last.ckpt; reported below
+    fit_seconds = time.perf_counter() - fit_started
+    report_line(f"[diffusion] time in fit: {describe_time(profiler, fit_seconds)}")
     # last.ckpt already holds the final (or interrupted) state: a logger that hangs while finishing cannot lose it.
     finish_loggers(loggers)
     if trainer.interrupted:
@@ -387,7 +395,9 @@ def run_stages(cfg: DictConfig) -> dict[str, Path]:
         OmegaConf.save(cfg, run_dir / "config.yaml")
     started = time.perf_counter()
     root = resolve_data_root(cfg.data)
-    report_line(f"[data] {root} (fingerprint {dataset_fingerprint(root)})")
+    report_line(
+        f"[data] {root} (fingerprint {dataset_fingerprint(root)}; ready in {time.perf_counter() - started:.0f} s)"
+    )
     vae_folder = None
     if cfg.stage in ("all", "autoencoder") and cfg.model.vae.pretrained == "auto":
         vae_folder = train_autoencoder(cfg, root, run_dir)

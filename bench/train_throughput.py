@@ -18,6 +18,9 @@ the end of its last warm-up step to the end of its last step (data fetch and hoo
 start-up and teardown are reported apart. Runs alternate ours/plain, flipping the order every repeat, so a
 busy machine slows both alike; images/s are medians over repeats and the ratio is ours/plain of the medians.
 
+Both sides run in this process, under the OpenMP wait setting train.py applies (configs/process_defaults.py, set
+before torch loads; a value in the shell wins), printed in the header: the ratio compares code. How that setting
+compares with libgomp's own default (what the diffusers example runs under) is bench/busy_machine.py's to measure.
 On a machine that other jobs keep busy, torch threads that outnumber the free cores wait on each other (steps
 100x slower seen on 2 cores): use --threads 1 there, and trust the ratio more than the images/s.
 """
@@ -25,6 +28,8 @@ On a machine that other jobs keep busy, torch threads that outnumber the free co
 from __future__ import annotations
 
 import os
+
+import configs.process_defaults  # noqa: F401  (as train.py: OpenMP waiting and known noise, before torch loads)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers are imported: never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -55,6 +60,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from configs import ConfigError, load_config
+from configs.process_defaults import WAIT_VARIABLES
 from datamodules.cxr_datamodule import resolve_data_root
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from train import build_datamodule
@@ -297,6 +303,13 @@ def print_where_time_goes(ours_stats: pstats.Stats, plain_stats: pstats.Stats, r
         print(f"    {calls:>8} {own_seconds:>7.3f}  {where}")
 
 
+def openmp_waiting() -> str:
+    """The wait variables this process started with (train.py's default unless the shell set one), which libgomp
+    read when torch loaded: both sides run under them (bench/busy_machine.py compares the settings)."""
+    chosen = [f"{variable}={os.environ[variable]}" for variable in WAIT_VARIABLES if variable in os.environ]
+    return " ".join(chosen) or "libgomp's default"
+
+
 def quiet_lightning() -> None:
     """Every fit would repeat Lightning's device banner and its data-loader-workers hint: no news here."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -320,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"model: default config + {args.overrides}\n"
         f"work: batch {cfg.data.batch_size}, {cfg.data.resolution} px, trainable {list(cfg.model.trainable)},"
         f" {args.steps} timed steps after {args.warmup_steps} warm-up, {args.repeats} repeats alternating "
-        f"ours/plain; device {device}, torch threads {torch.get_num_threads()}\n"
+        f"ours/plain; device {device}, torch threads {torch.get_num_threads()}, OpenMP waiting: {openmp_waiting()}\n"
         "identical work: EMA off, frozen-text-feature cache off (train.use_ema=false, "
         "train.text_feature_cache_size=0), no validation, logger/checkpointing/progress bar off; same "
         f"batches, seed, initial weights, AdamW, warm-up, gradient clipping {cfg.trainer.gradient_clip_val}"

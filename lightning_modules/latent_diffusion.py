@@ -393,7 +393,9 @@ class LatentDiffusionModule(L.LightningModule):
             }
             for name in self.trainable
         ]
-        optimizer = torch.optim.AdamW(groups, betas=self.adam_betas, weight_decay=self.adam_weight_decay)
+        # foreach: one call per operation for all tensors (torch picks it on GPUs, the per-tensor loop on CPUs);
+        # the same arithmetic element by element, so bit-identical to that loop, and faster with hundreds of tensors.
+        optimizer = torch.optim.AdamW(groups, betas=self.adam_betas, weight_decay=self.adam_weight_decay, foreach=True)
         scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=self.lr_warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,6 +1,7 @@
 """bench/train_throughput.py --quick on the tiny model: the report's format and arithmetic, never the ratio's
 value (the issue: the ratio is reported, not asserted)."""
 
+import os
 import re
 import statistics
 import subprocess
@@ -9,19 +10,29 @@ from pathlib import Path
 
 import pytest
 
+from configs.process_defaults import WAIT_VARIABLES, WAITING_DEFAULT
+
 REPO = Path(__file__).resolve().parents[1]
 NUMBER = r"([0-9]+\.[0-9]+)"
 
 
 def test_quick_benchmark_reports_both_medians_and_their_ratio(tiny_bench_overrides, tmp_path):
     command = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--quick", "--threads", "1"]
+    shell = {key: value for key, value in os.environ.items() if key not in WAIT_VARIABLES}
     result = subprocess.run(
-        [*command, "--profile", *tiny_bench_overrides], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [*command, "--profile", *tiny_bench_overrides],
+        cwd=tmp_path,
+        env=shell,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
 
     assert "EMA off, frozen-text-feature cache off" in out
+    waiting = " ".join(f"{key}={value}" for key, value in WAITING_DEFAULT.items())
+    assert f"torch threads 1, OpenMP waiting: {waiting}\n" in out  # as train.py runs
     repeat_line = rf"^repeat (\d)/3 \((\w+) first\): ours {NUMBER} images/s, plain {NUMBER} images/s$"
     repeats = re.findall(repeat_line, out, re.M)
     assert [(index, first) for index, first, *_ in repeats] == [("1", "ours"), ("2", "plain"), ("3", "ours")]

@@ -4,6 +4,7 @@ console that says what matters."""
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,13 @@ def test_a_newcomers_console_shows_each_stage_in_one_line_and_no_dependency_nois
         "(eval mode); ema 203 K frozen (eval mode); the frozen ones are in eval mode on purpose" in console
     )
     assert "[autoencoder] held-out reconstruction MSE" in console and "[done]" in result.stdout
+    # Where each stage's time went, in one line each, and Lightning's per-hook tables in the run folder.
+    assert re.search(r"^\[autoencoder\] time: .*training steps \d+ s \(2 x [0-9.]+ s\)", console, re.M)
+    fit_time = re.search(r"^\[diffusion\] time in fit: (.+)$", console, re.M)
+    assert fit_time and "training steps" in fit_time.group(1) and "(3 x " in fit_time.group(1)
+    assert all(part in fit_time.group(1) for part in ("FIDCallback", "GroundingCallback", "SampleGridCallback"))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert {path.name for path in (run_dir / "profiles").iterdir()} >= {"fit-autoencoder.txt", "fit-diffusion.txt"}
 
     # The filters match those messages only: the same categories with other texts still show.
     probe = (
