@@ -191,7 +191,9 @@ class CxrDataModule(L.LightningDataModule):
         """
         if self.train_sampler is None or self.trainer is None:
             return {}
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # fetched this epoch, as the loader
+        # Batches trained this epoch: the loader position a checkpoint holds, also when it is saved inside a batch
+        # that never finished (callbacks.last_checkpoint then saves the position after the previous batch).
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"train_epoch_progress": self.train_sampler.progress(batches * self.batch_size).state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
