@@ -26,13 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 
 
-def run_with_timeout(arguments: list[str], cwd: Path, timeout: float) -> None:
-    """A Python script in a subprocess; past ``timeout`` seconds the whole process group (the DDP ranks Lightning
-    launched included) is killed and the test fails: a hang is an error, never a blocked CI job."""
+def start_script(arguments: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A Python script in a subprocess of its own process group (the DDP ranks Lightning launches join it), with
+    ``env`` added to this process's environment."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # two processes on two cores
     env.pop("CXR_DIFFUSION_RUN_NAME", None)
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, *arguments],
         cwd=cwd,
         env=env,
@@ -41,13 +41,26 @@ def run_with_timeout(arguments: list[str], cwd: Path, timeout: float) -> None:
         text=True,
         start_new_session=True,
     )
+
+
+def wait_for(process: subprocess.Popen, timeout: float, succeed: bool = True) -> subprocess.CompletedProcess:
+    """Its outcome; past ``timeout`` seconds the whole process group is killed and the test fails: a hang is an
+    error, never a blocked CI job. ``succeed``: whether it must exit 0 (else it must fail)."""
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"{arguments[0]} did not finish in {timeout} s (a hang?)\n{stdout[-2000:]}{stderr[-4000:]}")
-    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+        pytest.fail(f"{process.args[1]} did not finish in {timeout} s (a hang?)\n{stdout[-2000:]}{stderr[-4000:]}")
+    assert (process.returncode == 0) == succeed, stdout[-2000:] + stderr[-4000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_with_timeout(
+    arguments: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None, succeed: bool = True
+) -> subprocess.CompletedProcess:
+    """``start_script`` then ``wait_for``."""
+    return wait_for(start_script(arguments, cwd, env), timeout, succeed)
 
 
 def run_train(overrides: list[str], cwd: Path, timeout: float = 600) -> Path:
