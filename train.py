@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-import configs.process_defaults  # noqa: F401  (on import, before torch loads: OpenMP waiting, known noise)
+import configs.process_defaults  # on import, before torch loads: OpenMP waiting, known noise filtered
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/diffusers are imported: never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -394,6 +394,7 @@ def run_stages(cfg: DictConfig) -> dict[str, Path]:
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml")
     started = time.perf_counter()
+    report_line(f"[openmp] {configs.process_defaults.OPENMP_WAITING}")
     root = resolve_data_root(cfg.data)
     report_line(
         f"[data] {root} (fingerprint {dataset_fingerprint(root)}; ready in {time.perf_counter() - started:.0f} s)"

@@ -2,14 +2,15 @@
 diffusers load; applied when this module is imported, so the scripts import it first.
 
 1. OpenMP waiting. torch's CPU wheels use GNU OpenMP (libgomp), which reads its environment once, when torch
-   loads it. Its waiting threads spin, then sleep: unset, for 300,000 iterations (milliseconds: longer than a
-   step's gaps between parallel regions, so a dedicated machine never pays a wake-up, but on a shared one a thread
-   spins on for a partner that another process has taken the core from); OMP_WAIT_POLICY=PASSIVE sleeps at once
-   (every parallel region pays a futex wake-up: 37 % of a tiny model's step on a quiet 2-core machine); ACTIVE
-   never sleeps. A bounded GOMP_SPINCOUNT spins across a step's short gaps and sleeps in the long ones.
-   ``WAITING_DEFAULT`` is applied unless the user set either of ``WAIT_VARIABLES`` (theirs wins);
-   ``python bench/busy_machine.py`` measures every candidate quiet and beside a competing process and prints
-   which one to choose (docs/results.md, "A shared CPU").
+   loads it. Its waiting threads spin, then sleep: unset, for 300,000 iterations (~10 ms on a recent x86 core:
+   longer than a step's gaps between parallel regions, so a dedicated machine never pays a wake-up, but where other
+   processes hold the cores a thread spins on for a partner that is not running: steps 3-30x slower measured);
+   OMP_WAIT_POLICY=PASSIVE sleeps at once (safe when shared, but every parallel region pays a wake-up: 15 % of an
+   autoencoder step and 37 % of a tiny model's diffusion step on a quiet 2-core machine); ACTIVE never sleeps.
+   No single setting serves both machines (bench/busy_machine.py), so the choice is made when the script starts:
+   ``WAITING_WHEN_FREE`` (a bounded spin: ~0.35 ms, longer than the gaps within a step) if other processes use
+   less than ``BUSY_CORES`` of the CPUs while this one waits 0.2 s, else ``WAITING_WHEN_BUSY``. A user's own
+   OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (and nothing is measured); processes a script starts inherit its choice.
 2. Dependency messages that say nothing about this run are filtered, each by its own text (``NOISE``); every other
    warning still shows. What the filtered eval-mode warning would say, train.py says in its "[model]" line.
 """
@@ -19,11 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import MutableMapping
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-WAITING_DEFAULT = {"GOMP_SPINCOUNT": "10000"}
+WAITING_WHEN_FREE = {"GOMP_SPINCOUNT": "10000"}
+WAITING_WHEN_BUSY = {"OMP_WAIT_POLICY": "PASSIVE"}
+BUSY_CORES = 0.5  # CPU time other processes use, in cores, from which waiting threads sleep at once
 
 # Python warnings: (category, regular expression matching the start of the message), and why it is no news here.
 NOISE_WARNINGS = (
@@ -43,10 +47,36 @@ NOISE_LOG_RECORDS = (
 )
 
 
-def default_openmp_waiting(environment: MutableMapping[str, str]) -> None:
-    """``WAITING_DEFAULT`` unless the user chose how OpenMP threads wait."""
-    if not any(variable in environment for variable in WAIT_VARIABLES):
-        environment.update(WAITING_DEFAULT)
+def busy_cores(interval: float = 0.2) -> float | None:
+    """Cores' worth of CPU time the machine's processes use while this one sleeps ``interval`` seconds (Linux's
+    /proc/stat, steal time included: a hypervisor's other guests count too); None where it cannot be read."""
+
+    def busy_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+        busy = user + nice + system + irq + softirq + steal
+        return busy, busy + idle + iowait
+
+    try:
+        busy_before, total_before = busy_and_total()
+        time.sleep(interval)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError):
+        return None
+    cpus = os.cpu_count() or 1  # /proc/stat adds up every CPU of the machine
+    return cpus * (busy_after - busy_before) / max(1, total_after - total_before)
+
+
+def default_openmp_waiting(environment: MutableMapping[str, str], others_busy_cores: float | None) -> str:
+    """Apply ``WAITING_WHEN_FREE`` or ``WAITING_WHEN_BUSY`` unless the user chose; returns what was decided and why."""
+    chosen = [f"{variable}={environment[variable]}" for variable in WAIT_VARIABLES if variable in environment]
+    if chosen:
+        return f"{' '.join(chosen)} (set before this script started)"
+    free = others_busy_cores is not None and others_busy_cores < BUSY_CORES
+    environment.update(WAITING_WHEN_FREE if free else WAITING_WHEN_BUSY)
+    setting = " ".join(f"{key}={value}" for key, value in (WAITING_WHEN_FREE if free else WAITING_WHEN_BUSY).items())
+    seen = "unknown" if others_busy_cores is None else f"{others_busy_cores:.1f} cores"
+    return f"{setting} (other processes' CPU use at start: {seen}; set OMP_WAIT_POLICY or GOMP_SPINCOUNT to choose)"
 
 
 class _DropMessages(logging.Filter):
@@ -67,5 +97,7 @@ def silence_dependency_noise() -> None:
         logging.getLogger(logger).addFilter(_DropMessages(message))
 
 
-default_openmp_waiting(os.environ)
+OPENMP_WAITING = default_openmp_waiting(
+    os.environ, None if any(variable in os.environ for variable in WAIT_VARIABLES) else busy_cores()
+)
 silence_dependency_noise()

@@ -5,7 +5,7 @@ step times. Never the times' values: how much a competitor slows a step is the m
 import os
 import re
 
-from configs.process_defaults import WAITING_DEFAULT
+from configs.process_defaults import WAITING_WHEN_BUSY, WAITING_WHEN_FREE
 from tests.bench_runs import run_bench
 from tests.rounding import follows_from_rounded
 
@@ -52,6 +52,13 @@ def test_quick_benchmark_measures_each_setting_quiet_and_busy_and_recommends_one
             assert max(s for _, s in verdicts[recommended.group(1)]) <= least_shared + 0.001, out
         else:
             assert recommended is None and "recommended: none of these settings passes" in out, out
-    default = " ".join(f"{key}={value}" for key, value in WAITING_DEFAULT.items())
-    assert f"entry scripts' default (configs/process_defaults.py): {default} (measured above;" in out
+    free, busy = (" ".join(f"{k}={v}" for k, v in choice.items()) for choice in (WAITING_WHEN_FREE, WAITING_WHEN_BUSY))
+    assert f"entry scripts' default (configs/process_defaults.py): {free} when other processes use less " in out
+    judged = re.search(
+        rf"^  dedicated \(free at start\): {NUMBER}; shared at start: {NUMBER}; shared only later: ", out, re.M
+    )
+    assert judged, out  # both of the default's settings are among the quick settings
+    assert float(judged.group(1)) == max(d for d, _ in verdicts[free]) and float(judged.group(2)) == max(
+        s for _, s in verdicts[busy]
+    )
     assert list(tmp_path.iterdir()) == []
