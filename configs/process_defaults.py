@@ -4,15 +4,17 @@ diffusers load; applied when this module is imported, so the scripts import it f
 1. OpenMP waiting. torch's CPU wheels use GNU OpenMP (libgomp), which reads its environment once, when torch
    loads it. Its waiting threads spin, then sleep: unset, for 300,000 iterations (~10 ms on a recent x86 core:
    longer than a step's gaps between parallel regions, so a dedicated machine never pays a wake-up, but where other
-   processes hold the cores a thread spins on for a partner that is not running: steps 3-30x slower measured);
+   processes hold the cores a thread spins on for a partner that is not running: steps several to 30x slower);
    OMP_WAIT_POLICY=PASSIVE sleeps at once (safe when shared, but every parallel region pays a wake-up: 15 % of an
    autoencoder step and 37 % of a tiny model's diffusion step on a quiet 2-core machine); ACTIVE never sleeps.
    No single setting serves both machines (bench/busy_machine.py), so the choice is made when the script starts:
-   ``WAITING_WHEN_FREE`` (a bounded spin: ~0.35 ms, longer than the gaps within a step) if other processes use
-   less than ``BUSY_CORES`` of the CPUs while this one waits 0.2 s, else ``WAITING_WHEN_BUSY``. A user's own
-   OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (and nothing is measured); processes a script starts inherit its choice.
-2. Dependency messages that say nothing about this run are filtered, each by its own text (``NOISE``); every other
-   warning still shows. What the filtered eval-mode warning would say, train.py says in its "[model]" line.
+   ``WAITING_WHEN_FREE`` (a bounded spin, ~0.35 ms on a recent x86 core: longer than the gaps within a step) if
+   other processes use less than ``BUSY_CORES`` of the CPUs while this one waits 0.2 s, else ``WAITING_WHEN_BUSY``.
+   A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (and nothing is measured); processes a script starts
+   inherit its choice.
+2. Dependency messages that say nothing about a run are filtered, each by its own text (``NOISE_WARNINGS``,
+   ``NOISE_LOG_RECORDS``); every other warning still shows. What the filtered eval-mode warning would say, each
+   stage's "parts" line says (callbacks/parts_summary.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ NOISE_WARNINGS = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
     # torchdata's StatefulDataLoader calls a torch function deprecated since torch 2.10; nothing for us to change.
     (UserWarning, "'set_vital' is deprecated"),
-    # The frozen parts (VAE, text encoder) and EMA copies stay in eval mode on purpose: train.py's "[model]" line.
+    # The frozen parts (VAE, text encoder) and EMA copies stay in eval mode on purpose: each stage's "parts" line.
     (UserWarning, r"Found \d+ module\(s\) in eval mode at the start of training"),
 )
 # Log records: (logger name, regular expression matching the start of the message).
@@ -73,8 +75,9 @@ def default_openmp_waiting(environment: MutableMapping[str, str], others_busy_co
     if chosen:
         return f"{' '.join(chosen)} (set before this script started)"
     free = others_busy_cores is not None and others_busy_cores < BUSY_CORES
-    environment.update(WAITING_WHEN_FREE if free else WAITING_WHEN_BUSY)
-    setting = " ".join(f"{key}={value}" for key, value in (WAITING_WHEN_FREE if free else WAITING_WHEN_BUSY).items())
+    waiting = WAITING_WHEN_FREE if free else WAITING_WHEN_BUSY
+    environment.update(waiting)
+    setting = " ".join(f"{key}={value}" for key, value in waiting.items())
     seen = "unknown" if others_busy_cores is None else f"{others_busy_cores:.1f} cores"
     return f"{setting} (other processes' CPU use at start: {seen}; set OMP_WAIT_POLICY or GOMP_SPINCOUNT to choose)"
 
