@@ -198,18 +198,23 @@ class FidelityEvaluation:
         on this one process: a generator that decodes through this VAE is judged against this floor, not 0.
 
         Why: two runs can differ in FID because their autoencoders do (the embedded default trains one per seed),
-        which a comparison of text-encoder choices must not read as their effect.
+        which a comparison of text-encoder choices must not read as their effect. Each image is encoded and decoded
+        alone under ``fidelity.autocast``, as ``module.sample`` decodes: what fits in generation fits here.
         """
         vae, device = module.evaluation_parts().vae, module.device
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
         extractors = {name: self.extractor(name).to(device) for name in self.extractor_names}
         distances = {}
         for name in extractors:
             distances[name] = FrechetDistance(references[name].statistics.feature_sum.numel(), sync_on_compute=False)
             distances[name].load_reference(references[name].statistics)
         for images in self.real_image_batches():
-            pixels = (images.to(device) * 2 - 1).to(vae.dtype)
-            decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-            reconstructions = (decoded.float() / 2 + 0.5).clamp(0, 1)  # as the pipeline post-processes its images
+            decoded = []
+            for image in images.to(device):
+                with autocast:
+                    latent = vae.encode((image[None] * 2 - 1).to(vae.dtype)).latent_dist.mode()
+                    decoded.append(vae.decode(latent).sample.float())
+            reconstructions = (torch.cat(decoded) / 2 + 0.5).clamp(0, 1)  # as the pipeline post-processes its images
             for name, extractor in extractors.items():
                 distances[name].update(extractor(reconstructions), real=False)
         return {name: float(distance.compute()) for name, distance in distances.items()}
@@ -325,7 +330,8 @@ def run_fidelity(args: argparse.Namespace) -> dict:
             name: None if math.isnan(reference.real_halves_fid) else reference.real_halves_fid
             for name, reference in references.items()
         },
-        "autoencoder_floor_fid": evaluation.autoencoder_floor(module, references),
+        "autoencoder_floor_fid": {},
+        "autoencoder_floor_missing": "not measured: the evaluation stopped before it",
         "num_images": evaluation.num_images,
         "extractors": list(evaluation.extractor_names),
         "classifier": cfg.fidelity.classifier,
@@ -341,15 +347,33 @@ def run_fidelity(args: argparse.Namespace) -> dict:
         "data_fingerprint": dataset_fingerprint(root),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_summary(args.out, summary, result)
+    write_summary(args.out, summary, result)  # the FID is on disk before the optional floor can fail
     print(f"[fidelity] {json.dumps(result.metrics)}\n[fidelity] written to {args.out}")
+    summary |= measure_floor(evaluation, module, references)
+    write_summary(args.out, summary, result)
     return summary
+
+
+def measure_floor(
+    evaluation: FidelityEvaluation, module: LatentDiffusionModule, references: Mapping[str, ReferenceStatistics]
+) -> dict:
+    """The summary's floor entries: the values, or why they are missing (an error is logged with its traceback and
+    the FID already written stays: an out-of-memory here must not lose the M generated images' metrics)."""
+    try:
+        floor = evaluation.autoencoder_floor(module, references)
+    except Exception as error:  # noqa: BLE001 - logged, printed and written into the summary
+        log.exception("fidelity: the autoencoder floor failed; the FID result stands without it")
+        missing = f"failed: {type(error).__name__}: {error}"
+        print(f"[fidelity] autoencoder floor: missing ({missing})")
+        return {"autoencoder_floor_fid": {}, "autoencoder_floor_missing": missing}
+    return {"autoencoder_floor_fid": floor, "autoencoder_floor_missing": None}
 
 
 def write_summary(out_dir: Path, summary: dict, result: FidelityResult) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fidelity.json").write_text(json.dumps(summary, indent=2))
     m = summary["num_images"]
+    floor_missing = summary.get("autoencoder_floor_missing")
     halves = {
         name: "n/a (M < 4)" if value is None else f"{value:.4f}" for name, value in summary["real_halves_fid"].items()
     }
@@ -374,6 +398,7 @@ def write_summary(out_dir: Path, summary: dict, result: FidelityResult) -> None:
             f"| {value:.4f} |"
             for name, value in summary["autoencoder_floor_fid"].items()
         ),
+        *(["", f"The autoencoder floor: missing ({floor_missing})."] if floor_missing else []),
         "",
         "Lower FID and MS-SSIM are better (MS-SSIM among images of one prompt: lower = more diverse); "
         "agreement AUROC: 0.5 = chance, 1 = every generated image shows the findings its prompt names.",

@@ -361,6 +361,79 @@ def test_autoencoder_floor_is_the_fid_of_the_real_images_against_their_reconstru
             assert floor[name] > 0
 
 
+class OneImageVae(StandInVae):
+    """A perfect stand-in VAE that runs out of memory on more than one image at a time, and records the autocast
+    state and input dtype of each decode."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda z: z)
+        self.decodes: list[tuple[bool, torch.dtype | None]] = []
+
+    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
+        if len(latents) > 1:
+            raise torch.cuda.OutOfMemoryError(f"decoding {len(latents)} images at once")
+        autocast = torch.is_autocast_enabled("cpu")
+        self.decodes.append((autocast, torch.get_autocast_dtype("cpu") if autocast else None))
+        return super().decode(latents)
+
+
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_autoencoder_floor_decodes_as_sampling_does_one_image_at_a_time_under_its_autocast(
+    tiny_model_dir, held_out_root, tmp_path, with_linear_extractor, monkeypatch, autocast
+):
+    """The floor runs right after the M generated images: decoding fidelity.batch_size images at once in float32
+    (the old floor) ran out of memory where sampling, one image at a time under fidelity.autocast, did not."""
+    module, evaluation = tiny_evaluation(
+        tiny_model_dir,
+        held_out_root,
+        tmp_path / "cache",
+        "fidelity.extractors=[domain,linear]",
+        f"fidelity.autocast={autocast or 'null'}",
+    )
+    vae = OneImageVae()
+    parts = module.evaluation_parts()
+    monkeypatch.setattr(module, "evaluation_parts", lambda: replace(parts, vae=vae))
+    floor = evaluation.autoencoder_floor(module, evaluation.reference())
+    assert len(vae.decodes) == evaluation.num_images  # every image, one by one
+    expected = (True, torch.bfloat16) if autocast else (False, None)
+    assert set(vae.decodes) == {expected}
+    if autocast is None:  # a perfect VAE in float32: the set against itself
+        assert floor == {"domain": pytest.approx(0.0, abs=1e-6), "linear": pytest.approx(0.0, abs=1e-6)}
+
+
+def test_evaluate_fidelity_writes_fid_before_the_floor_and_reports_a_failed_floor_as_missing(
+    tiny_model_dir, held_out_root, tmp_path, with_linear_extractor, monkeypatch, caplog
+):
+    """An out-of-memory error in the optional autoencoder floor, after M images were generated, used to lose the
+    whole evaluation: now fidelity.json/md hold the FID, and the floor is named missing, with the error logged."""
+    load = metrics.fidelity_evaluation.load_diffusion_module
+
+    def load_with_a_vae_that_cannot_encode(*args, **kwargs):
+        module, cfg = load(*args, **kwargs)
+
+        def out_of_memory(*_, **__):  # only the floor encodes: generation decodes latents and never encodes
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        module.vae.encode = out_of_memory
+        return module, cfg
+
+    monkeypatch.setattr(metrics.fidelity_evaluation, "load_diffusion_module", load_with_a_vae_that_cannot_encode)
+    out = tmp_path / "eval"
+    arguments = ["fidelity", "--model", str(tiny_model_dir), "--out", str(out), "--num-images", "6"]
+    arguments += ["--extractors", "domain,linear", "--device", "cpu", *fidelity_overrides(held_out_root, tmp_path)]
+    with caplog.at_level("ERROR"):
+        evaluate.main([*arguments, "fidelity.num_inference_steps=2", *TINY_MODEL])
+
+    summary = json.loads((out / "fidelity.json").read_text())
+    assert summary["metrics"]["fid/domain@6"] > 0 and summary["metrics"]["fid/linear@6"] > 0
+    assert summary["autoencoder_floor_fid"] == {}
+    assert summary["autoencoder_floor_missing"].startswith("failed: OutOfMemoryError: CUDA out of memory")
+    markdown = (out / "fidelity.md").read_text()
+    assert "| fid/domain@6 |" in markdown and "VAE reconstructions" not in markdown
+    assert "autoencoder floor: missing (failed: OutOfMemoryError: CUDA out of memory" in markdown
+    assert "autoencoder floor" in caplog.text and "Tried to allocate 2.00 GiB" in caplog.text
+
+
 def test_features_and_scores_are_full_precision_inside_autocast():
     extractor = LinearFeatures()
     images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
