@@ -15,8 +15,9 @@ from torch import nn
 
 
 def describe_part(name: str, part: nn.Module) -> str:
-    """``unet 3.4 M trained (train mode)``, ``text_encoder 22.7 M frozen (eval mode)``, or ``... 1.2 M of 22.7 M
-    trained`` when only some parameters train (adapters, parameters the objective never reaches)."""
+    """``unet 3.4 M trained (train mode)``, ``vae 242 K frozen (eval mode)``, or ``text_encoder 22.9 M of which
+    147 K trained (train mode)`` when only some of a part's parameters train (adapters, or parameters the objective
+    never reaches)."""
     total = sum(parameter.numel() for parameter in part.parameters())
     trained = sum(parameter.numel() for parameter in part.parameters() if parameter.requires_grad)
     if trained == 0:
