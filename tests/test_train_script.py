@@ -142,6 +142,7 @@ def test_a_newcomers_console_shows_each_stage_in_one_line_and_no_dependency_nois
         "(eval mode); ema 203 K frozen (eval mode); the frozen ones are in eval mode on purpose" in console
     )
     assert "[autoencoder] held-out reconstruction MSE" in console and "[done]" in result.stdout
+    assert re.search(r"^\[openmp\] (GOMP_SPINCOUNT|OMP_WAIT_POLICY)=\w+ \(", result.stdout, re.M)  # said, with why
     # Where each stage's time went, in one line each, and Lightning's per-hook tables in the run folder.
     assert re.search(r"^\[autoencoder\] time: .*training steps \d+ s \(2 x [0-9.]+ s\)", console, re.M)
     fit_time = re.search(r"^\[diffusion\] time in fit: (.+)$", console, re.M)
