@@ -13,6 +13,7 @@ import torch
 import torch.utils.checkpoint
 import transformers.modeling_utils
 from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from omegaconf import OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
@@ -308,7 +309,9 @@ def test_both_exports_reload_in_diffusers_and_compute_the_adapted_model(tiny_ove
 
     # Only adapters trained: the weights file alone loads onto the model the run started from.
     original = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
-    original.load_lora_weights(tmp_path / "pipeline_lora")
+    original.load_lora_weights(
+        tmp_path / "pipeline_lora", weight_name=LORA_WEIGHT_NAME_SAFE
+    )  # offline, diffusers <= 0.36 need it
     with torch.no_grad():
         torch.testing.assert_close(original.text_encoder(tokens)[0], features, atol=1e-6, rtol=0)
     torch.testing.assert_close(unet_output(original.unet, features), expected, atol=1e-6, rtol=0)
@@ -335,7 +338,7 @@ def test_lora_export_of_a_bert_text_encoder_beside_a_trained_unet_loads_in_diffu
     with torch.no_grad():
         expected = module.text_encoder(tokens)[0]
         base = pipeline.text_encoder(tokens)[0]
-        pipeline.load_lora_weights(folder)
+        pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHT_NAME_SAFE)  # offline, diffusers <= 0.36 need it
         torch.testing.assert_close(pipeline.text_encoder(tokens)[0], expected, atol=1e-6, rtol=0)
     assert (base - expected).abs().max() > 1e-3
     torch.testing.assert_close(unet_output(pipeline.unet, expected), unet_output(module.unet, expected), atol=0, rtol=0)

@@ -331,7 +331,7 @@ def test_uncounted_repeats_carry_no_loss_weight(tiny_overrides):
     module = tiny_module(tiny_overrides)
     latents = module.encode_images(tiny_batches(1)[0]["pixel_values"], torch.Generator().manual_seed(0))
     other = latents.clone()
-    other[2:] = torch.randn_like(other[2:])
+    other[2:] += 3  # far off: a random draw moved the unweighted loss by only 0.07% at the dependency floors
 
     def loss(values: torch.Tensor, weights: torch.Tensor | None) -> float:
         with torch.no_grad():
