@@ -48,5 +48,7 @@ def unreached_parameters(part: nn.Module, objective_path: Callable[[], torch.Ten
             parameter.grad = gradient
         with torch.no_grad():
             for name, buffer in part.named_buffers():
+                if buffer.is_meta:  # a meta module (FLOP counts) holds no values to restore
+                    continue
                 if not torch.equal(buffer, buffers[name]):  # copying into every buffer would hit expanded views
                     buffer.copy_(buffers[name])
