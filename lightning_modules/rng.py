@@ -53,15 +53,29 @@ def capture_rng_state(generator: torch.Generator, device: torch.device) -> dict[
 
 
 def gather_from_every_rank(state: dict) -> list[dict]:
-    """Every process's ``state``, in rank order, on every process; a single process enters no collective."""
+    """Every process's ``state`` (a ``capture_rng_state`` dict), in rank order, on every process; a single process
+    enters no collective.
+
+    It runs every training step, so the state's byte tensors travel as one flat tensor in a single all_gather rather
+    than pickled (``all_gather_object`` pickles the state and unpickles every process's, a cost that grows with the
+    number of processes). Every process's state has the same layout: the same generators on the same kind of device.
+    """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [state]
     world_size = torch.distributed.get_world_size()
     if world_size == 1:
         return [state]
-    gathered: list[dict | None] = [None] * world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return [entry for entry in gathered if entry is not None]
+    names = [name for name, value in state.items() if isinstance(value, torch.Tensor)]
+    flat = torch.cat([state[name] for name in names])
+    if torch.distributed.get_backend() == torch.distributed.Backend.NCCL:  # NCCL gathers CUDA tensors only
+        flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, flat)
+    sizes = [state[name].numel() for name in names]
+    return [
+        {**state, **{name: part.cpu().clone() for name, part in zip(names, row.split(sizes), strict=True)}}
+        for row in gathered
+    ]
 
 
 def every_rank_state(generator: torch.Generator, device: torch.device) -> dict[str, list[dict]]:
