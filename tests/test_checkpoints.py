@@ -2,11 +2,13 @@
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train
+from callbacks.last_checkpoint import save_alone
 from configs import ConfigError, load_config
 
 
@@ -132,3 +134,25 @@ def test_a_failed_resume_leaves_the_runs_last_ckpt_untouched(tiny_training_overr
     with pytest.raises(ValueError, match="checkpoint trained parts"):
         run(tiny_training_overrides, "trainer.max_steps=4", "model.trainable=[unet,text_encoder]", "resume=last")
     assert last.read_bytes() == before
+
+
+def test_a_write_interrupted_midway_leaves_the_previous_last_ckpt(tmp_path, monkeypatch):
+    """The new state goes to a temporary file beside last.ckpt and is renamed over it only once complete."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    state = {"global_step": 4, "loops": {"fit_loop": {"state_dict": {}}}}
+    trainer = SimpleNamespace(
+        is_global_zero=True, _checkpoint_connector=SimpleNamespace(dump_checkpoint=lambda **_: state)
+    )
+    save_alone(trainer, last)
+    before = last.read_bytes()
+
+    def killed_while_writing(checkpoint, handle) -> None:
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    state["global_step"] = 6
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        save_alone(trainer, last)
+    assert last.read_bytes() == before
+    assert torch.load(last, weights_only=True)["global_step"] == 4

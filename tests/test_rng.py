@@ -95,7 +95,8 @@ def test_a_checkpoint_without_per_rank_states_reseeds(caplog):
 
 
 def test_a_single_process_gathers_without_a_collective(monkeypatch):
-    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda *a: pytest.fail("entered a collective"))
+    for collective in ("all_gather", "all_gather_object"):
+        monkeypatch.setattr(torch.distributed, collective, lambda *a: pytest.fail("entered a collective"))
     state = capture_rng_state(torch.Generator().manual_seed(3), torch.device("cpu"))
     assert gather_from_every_rank(state) == [state] and set(state) == {"generator", "generator_device", "torch"}
 
