@@ -61,9 +61,9 @@ class LastCheckpoint(Checkpoint):
     checkpoint, mismatched trained parts) would otherwise overwrite the run's last.ckpt with an unrestored model.
     """
 
-    def __init__(self, path: str | Path, every_n_train_steps: int) -> None:
+    def __init__(self, path: str | Path, every_n_train_steps: int | None) -> None:
         self.path = Path(path)
-        self.every_n_train_steps = every_n_train_steps
+        self.every_n_train_steps = every_n_train_steps or 0  # None or 0: only at the end and on an exception
         self._training_started = False
         self._written_at_step = -1
         self._position_after_last_batch: list[dict] | None = None
