@@ -4,6 +4,10 @@ The index skips (missing image or report, report not UTF-8, empty caption) and t
 datamodule; the loader's skips (an image that fails to decode when read) from the training module's SkipLedger,
 merged over processes so a bad sample is one skip however many epochs or processes met it. Written to
 ``data_report.json`` in the run folder, logged to every logger, and printed by train.py's end-of-run summary.
+
+Each process's ledger is its own, and a checkpoint is written by process 0 alone (``callbacks.last_checkpoint``), so
+this callback keeps a copy of every process's ledger, brought up to date at each batch end (a point every process
+reaches; the new skips only travel), saves them with its state and hands each process its own back on resume.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from callbacks.grounding import gather_rows
 from datamodules.skips import SkipLedger, describe_skips, skip_metric_name
@@ -21,15 +26,53 @@ DATA_REPORT_FILE = "data_report.json"
 
 
 class DataReportCallback(L.Callback):
-    """At the end of fit (every process takes part in one gather), process 0 writes ``path`` and logs the counts."""
+    """Every process's skip ledger across checkpoints (see the module docstring), and at the end of fit process 0
+    writes ``path`` and logs the counts merged over processes."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.ledgers: list[SkipLedger] = []  # every process's, in rank order, as of the last batch end
+        self.ledgers_to_restore: list[SkipLedger] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_samples_per_rank": [ledger.state_dict() for ledger in self.ledgers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("skipped_samples_per_rank")
+        self.ledgers_to_restore = None if saved is None else [SkipLedger(ledger) for ledger in saved]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed process takes back its own ledger. After a change in the number of processes, process 0 also
+        keeps the ledgers of ranks that no longer run, so their skips stay counted."""
+        if self.ledgers_to_restore is not None:
+            saved, rank = self.ledgers_to_restore, trainer.global_rank
+            own = saved[rank] if rank < len(saved) else SkipLedger()
+            if rank == 0:
+                for gone in saved[trainer.world_size :]:
+                    own.add(gone)
+            pl_module.skipped_samples = own
+            self.ledgers_to_restore = None
+        self.ledgers = [SkipLedger() for _ in range(trainer.world_size)]
+        self.share(trainer, pl_module)  # every process is here
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.share(trainer, pl_module)
+
+    def share(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """This process's skips not yet in the copies, to every process. Under DDP a collective, which every process
+        enters: one number a batch, and the skips themselves only after a batch in which some process met new ones."""
+        rank = trainer.global_rank
+        new = [[rank, *skip] for skip in pl_module.skipped_samples if skip not in self.ledgers[rank]]
+        if trainer.world_size > 1:
+            count = trainer.strategy.reduce(torch.tensor(float(len(new)), device=pl_module.device), reduce_op="sum")
+            new = gather_rows(new) if count.item() > 0 else []
+        for owner, *skip in new:
+            self.ledgers[owner].add([skip])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        merged = SkipLedger(gather_rows(list(pl_module.skipped_samples)))
         if not trainer.is_global_zero:
             return
+        merged = SkipLedger(skip for ledger in self.ledgers for skip in ledger)
         datamodule = trainer.datamodule
         report = {
             "splits": datamodule.data_report() if hasattr(datamodule, "data_report") else {},

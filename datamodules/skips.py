@@ -52,6 +52,9 @@ class SkipLedger:
     def __iter__(self):
         return iter(sorted(self._seen))
 
+    def __contains__(self, skip: Iterable[str]) -> bool:
+        return SkippedSample._make(skip) in self._seen
+
     def counts(self) -> dict[str, int]:
         """{reason: number of distinct samples}, reasons sorted."""
         counts: dict[str, int] = {}

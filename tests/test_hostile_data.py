@@ -26,6 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import train
+from callbacks.data_report import DATA_REPORT_FILE, DataReportCallback
 from callbacks.evaluation_failures import FailedOnSomeProcess, agree_on_success, run_keeping_training_alive
 from callbacks.fidelity import FIDCallback
 from callbacks.periodic import PeriodicCallback
@@ -48,6 +49,7 @@ from datamodules.synthetic import MS_CXR_FILE
 from datamodules.transforms import MAX_DECODED_PIXELS, UnreadableImageError, load_grayscale_image
 from metrics.domain_classifier import load_labelled_images
 from metrics.fidelity_evaluation import FidelityResult
+from tests.test_ddp import REPO, ddp_training_overrides, run_with_timeout
 from tests.test_evaluate_grounding import grounding_cli
 from tests.test_train_script import metric_rows
 
@@ -377,6 +379,79 @@ def test_the_skip_ledger_counts_once_per_sample_and_reason_and_survives_a_checkp
     restored.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
     assert restored.counts() == ledger.counts()
     assert describe_skips(ledger.counts()) == "2 x, 1 y" and describe_skips({}) == "none"
+
+
+# train.py with each rank's skip ledger written at the end of training (Lightning relaunches this script for rank 1).
+LEDGER_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+record = Path(sys.argv[1])
+
+def write_ledger(self):
+    (record / f"ledger-rank{{self.global_rank}}.json").write_text(json.dumps(self.skipped_samples.state_dict()))
+
+LatentDiffusionModule.on_train_end = write_ledger
+import train
+train.main(sys.argv[2:])
+"""
+
+
+def test_every_process_gets_its_own_skip_ledger_back_on_resume(tiny_training_overrides, synthetic_root, tmp_path):
+    """Rank 1 meets unreadable images in its first batch, rank 0 in its second; stopped at step 2 and resumed, each
+    rank ends with the ledger of the uninterrupted run and data_report.json counts every skip (a checkpoint used to
+    hand rank 0's ledger to every rank: rank 1's own skips were lost from its ledger and from the report)."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    overrides = ddp_training_overrides(
+        tiny_training_overrides,
+        f"data.root={root}",
+        "trainer.max_steps=4",  # 5 steps an epoch on 2 processes: the resumed steps never meet the bad images again
+        "train.checkpointing_steps=2",
+        "trainer.val_check_interval=100",
+        "callbacks.export_pipeline=false",
+    )
+    datamodule = train.build_datamodule(load_config([], overrides), root, batch_size=4)
+    batches = {rank: list(datamodule.train_loader(world_size=2, rank=rank)) for rank in (0, 1)}
+    corrupt = {1: set(batches[1][0]["dicom_id"][:2]), 0: {batches[0][1]["dicom_id"][0]}}
+    for image in root.rglob("*.jpg"):
+        if image.stem in corrupt[0] | corrupt[1]:
+            image.write_bytes(b"not a JPEG")
+    script = tmp_path / "ledger_train.py"
+    script.write_text(LEDGER_SCRIPT.format(repo=str(REPO)))
+
+    def ledgers(record: Path) -> dict[int, set[str]]:
+        return {rank: {s for s, _ in json.loads((record / f"ledger-rank{rank}.json").read_text())} for rank in (0, 1)}
+
+    (tmp_path / "straight-record").mkdir()
+    run_with_timeout([str(script), str(tmp_path / "straight-record"), *overrides], tmp_path / "straight", 300)
+    (straight,) = (tmp_path / "straight" / "runs").iterdir()
+    assert ledgers(tmp_path / "straight-record") == corrupt
+
+    twin = tmp_path / "twin" / "runs" / "run"
+    (twin / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "config.yaml", twin / "config.yaml")
+    shutil.copy(straight / "checkpoints" / "step000002.ckpt", twin / "checkpoints" / "stopped.ckpt")
+    resume = f"resume={twin / 'checkpoints' / 'stopped.ckpt'}"
+    (tmp_path / "resumed-record").mkdir()
+    run_with_timeout([str(script), str(tmp_path / "resumed-record"), *overrides, resume], tmp_path / "twin", 300)
+
+    assert ledgers(tmp_path / "resumed-record") == corrupt
+    reports = [json.loads((run / DATA_REPORT_FILE).read_text()) for run in (straight, twin)]
+    assert reports[1]["training_loader"] == reports[0]["training_loader"]
+    assert {sample_id for sample_id, _ in reports[1]["training_loader"]["samples"]} == corrupt[0] | corrupt[1]
+
+
+def test_a_resume_on_fewer_processes_keeps_the_skips_of_the_ranks_that_no_longer_run(tmp_path):
+    callback = DataReportCallback(tmp_path / DATA_REPORT_FILE)
+    saved = [SkipLedger([("a", SKIP_MISSING_IMAGE)]), SkipLedger([("b", SKIP_MISSING_IMAGE), ("c", "x")])]
+    callback.load_state_dict(json.loads(json.dumps({"skipped_samples_per_rank": [s.state_dict() for s in saved]})))
+    module = SimpleNamespace(skipped_samples=SkipLedger())
+    callback.on_train_start(SimpleNamespace(global_rank=0, world_size=1), module)  # one process, no collective
+    assert list(module.skipped_samples) == [("a", SKIP_MISSING_IMAGE), ("b", SKIP_MISSING_IMAGE), ("c", "x")]
+    assert callback.state_dict() == {"skipped_samples_per_rank": [module.skipped_samples.state_dict()]}
 
 
 # --------------------------------------------------------------------------------------------- 7. fuzz
