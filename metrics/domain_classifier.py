@@ -150,10 +150,13 @@ def train_finding_classifier(
     """Seeded AdamW (one-cycle schedule) on per-finding binary cross-entropy, uncertain labels left out.
 
     ``images``: (N, 1, R, R) uint8 as from ``load_labelled_images``; returns the classifier in eval mode.
+    Its initialisation draws from the global stream, seeded inside a fork: it may be trained in the middle of a
+    diffusion run (on process 0 only), whose own random state must not depend on whether the cache was warm.
     """
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = FindingClassifier(images.shape[-1], width)
     generator = torch.Generator().manual_seed(seed)
-    classifier = FindingClassifier(images.shape[-1], width)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
     order = torch.randperm(len(images), generator=generator)

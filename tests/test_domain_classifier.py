@@ -76,6 +76,16 @@ def test_training_is_seeded(classifier_root):
     assert not torch.equal(first["head.weight"], other["head.weight"])
 
 
+def test_training_leaves_the_callers_random_stream_alone(classifier_root):
+    """Trained on process 0 in the middle of a diffusion run (or found cached): the run's stream must not notice."""
+    images, targets = load_labelled_images(build_mimic_index(classifier_root, split="train"), 32, max_images=16)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    train_finding_classifier(images, targets, seed=3, **(RECIPE | {"steps": 1}))
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_classifier_is_cached_by_data_and_recipe_and_serves_as_frozen_extractor(classifier_root, tmp_path, monkeypatch):
     trainings = []
     original = domain_classifier.train_and_cache_domain_classifier
