@@ -1,5 +1,5 @@
-"""The floors in pyproject.toml are the versions the README says the lowest-versions check passed on: a floor moved
-without rerunning ``scripts/check_lowest_versions.sh`` (and updating the README) fails here."""
+"""The floors in pyproject.toml are the versions docs/configuration.md says the lowest-versions check passed on: a floor moved
+without rerunning ``scripts/check_lowest_versions.sh`` (and updating that page) fails here."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def floor_pins() -> dict[str, Version]:
     return {name.lower(): Version(version) for name, version in (line.split("==") for line in printed.split())}
 
 
-def versions_the_readme_reports() -> dict[str, Version]:
-    section = (ROOT / "README.md").read_text().split("### Lowest versions", 1)[1]
+def versions_the_docs_report() -> dict[str, Version]:
+    section = (ROOT / "docs" / "configuration.md").read_text().split("## Lowest versions", 1)[1]
     passed = " ".join(re.search(r"Passed on\s(.*?)\(\d+ tests\)", section, re.DOTALL)[1].split())
     pairs = re.findall(r"([A-Za-z][\w.-]*) (\d[\w.]*)(?:,|$|\s)", passed.split(": ", 1)[1].strip())
     return {name.lower(): Version(version) for name, version in pairs}
@@ -34,4 +34,4 @@ def versions_the_readme_reports() -> dict[str, Version]:
 def test_every_floor_is_the_version_the_check_passed_on():
     pins = floor_pins()
     assert list(pins)[0] == "torch" and len(pins) > 20  # torch installed first, every runtime dependency pinned
-    assert versions_the_readme_reports() == pins
+    assert versions_the_docs_report() == pins
