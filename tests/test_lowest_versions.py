@@ -1,5 +1,5 @@
-"""The floors in pyproject.toml are the versions docs/configuration.md says the lowest-versions check passed on: a floor moved
-without rerunning ``scripts/check_lowest_versions.sh`` (and updating that page) fails here."""
+"""The floors in pyproject.toml are the versions docs/configuration.md says the lowest-versions check passed on: a
+floor moved without rerunning ``scripts/check_lowest_versions.sh`` (and updating that page) fails here."""
 
 from __future__ import annotations
 
