@@ -2,9 +2,16 @@
 
 Every word of the phrase that contains a query word of the finding category (case-insensitive, so
 "effusions" contains "effusion") selects the tokens whose character offsets overlap it. Offsets make this
-work for any subword tokenizer (WordPiece "e ##ff ##usion", byte-level BPE pieces). No match → all text
-tokens (also when truncation cut every matching word off). Special tokens (BOS/EOS/CLS/SEP) and padding are
-never selected.
+work for any subword tokenizer (WordPiece "e ##ff ##usion", byte-level BPE pieces, SentencePiece's T5 pieces). No
+match → all text tokens (also when truncation cut every matching word off). Special tokens (BOS/EOS/CLS/SEP, T5's
+</s>) and padding are never selected.
+
+SentencePiece's word-start marker "▁" is a token of its own where the vocabulary has no "▁X..." piece for the word
+(T5 spells " a" as "▁" + "a"). It is part of the word's spelling, as BPE's "Ġ" is inside "Ġeffusion", so it goes
+with the word after it. Its offsets depend on how the fast tokenizer was built: transformers 5's T5Tokenizer (and
+the Hub's T5 tokenizer.json, whitespace split off first) put it on the word's first character; transformers'
+T5Converter (a bare Metaspace: transformers 4.x converting a spiece.model) on the space it replaced. A token that
+covers only whitespace therefore counts as the first character after it, so both select the same tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ WORD_PATTERN = re.compile(r"[^\W_]+")
 _QUERY_WORDS_BY_CATEGORY = {category.casefold(): words for category, words in QUERY_WORDS.items()}
 
 
+def _attached_span(phrase: str, start: int, end: int) -> tuple[int, int]:
+    """A token's character span; a whitespace-only one (a word-start marker) is the character that follows it."""
+    return (end, end + 1) if phrase[start:end].isspace() else (start, end)
+
+
 def select_phrase_tokens(phrase: str, category: str | None, tokenizer: Any, max_length: int) -> list[int]:
     """Sorted token indices (into the padded, truncated encoding of ``phrase``) whose attention to average.
 
@@ -52,7 +64,7 @@ def select_phrase_tokens(phrase: str, category: str | None, tokenizer: Any, max_
         return_attention_mask=True,
     )
     text_tokens = [
-        (index, offsets)
+        (index, _attached_span(phrase, *offsets))
         for index, (offsets, is_special, is_attended) in enumerate(
             zip(encoding["offset_mapping"], encoding["special_tokens_mask"], encoding["attention_mask"], strict=True)
         )
