@@ -56,7 +56,7 @@ from train_throughput import fill_from_preset, in_memory_loader, lightning_train
 
 from grounding.phrase_grounding import HeatmapSettings, phrase_grounding_heatmaps
 from lightning_modules.components import SD_LATENT_SCALE
-from lightning_modules.latent_diffusion import PART_NAMES, LatentDiffusionModule
+from lightning_modules.latent_diffusion import LatentDiffusionModule
 from metrics.domain_classifier import INFO_FILE, WEIGHTS_FILE, FindingClassifier, to_classifier_input
 from metrics.feature_extractors import DomainFeatures
 from metrics.fidelity import FidelityMetrics
@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         module, cfg = sd2_shape.load_module(folder, "frozen", overrides)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         module = module.to(device).eval()
-        counts = {part: sd2_shape.parameter_count(getattr(module, part)) for part in PART_NAMES}
+        counts = {part: sd2_shape.parameter_count(getattr(module, part)) for part in module.part_names}
         print(
             f"model: {shape.name}, random weights; parameters (M): "
             + ", ".join(f"{part} {count / 1e6:.1f}" for part, count in counts.items())

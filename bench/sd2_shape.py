@@ -34,6 +34,7 @@ from train_throughput import quiet_lightning
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from configs import load_config
+from lightning_modules.backbones.unet import UNetBackbone
 from lightning_modules.components import SD_LATENT_SCALE, DiffusionParts
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
@@ -159,7 +160,8 @@ def build_parts(shape: Shape, resolution: int, seed: int = 0) -> DiffusionParts:
     tokenizer = build_byte_level_bpe(TOKENIZER_TEXT * 3, pad_token="<|endoftext|>")
     tokenizer.model_max_length = TOKENS
     return DiffusionParts(
-        unet=UNet2DConditionModel(**shape.unet_config(resolution // VAE_FACTOR)),
+        backbone=UNetBackbone(),
+        denoiser=UNet2DConditionModel(**shape.unet_config(resolution // VAE_FACTOR)),
         vae=AutoencoderKL(**shape.vae_config(resolution)),
         text_encoder=CLIPTextModel(shape.text_encoder_config(tokenizer)),
         tokenizer=tokenizer,
@@ -173,7 +175,7 @@ def write_pipeline(parts: DiffusionParts, folder: Path) -> Path:
         vae=parts.vae,
         text_encoder=parts.text_encoder,
         tokenizer=parts.tokenizer,
-        unet=parts.unet,
+        unet=parts.denoiser,
         scheduler=parts.noise_scheduler,
         safety_checker=None,
         feature_extractor=None,

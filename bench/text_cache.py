@@ -36,7 +36,8 @@ import torch
 from train_throughput import fill_from_preset
 
 from configs import load_config
-from lightning_modules.latent_diffusion import LatentDiffusionModule, text_feature_batch_size
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.text_conditioning import text_feature_batch_size
 
 FULL = {"steps": 10, "warmup_steps": 2, "repeats": 3}
 QUICK = {"steps": 2, "warmup_steps": 1, "repeats": 2}

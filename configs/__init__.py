@@ -18,8 +18,9 @@ from omegaconf.errors import InterpolationResolutionError
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 STAGES = ("all", "autoencoder", "diffusion")
-TRAINABLE_PARTS = ("unet", "text_encoder", "vae")
-ADAPTABLE_PARTS = ("unet", "text_encoder")  # parts that can train through LoRA adapters (model.adapters)
+DENOISER_PARTS = {"unet": "unet", "pixart": "transformer"}  # model.backbone -> its denoiser's part name
+TRAINABLE_PARTS = (*dict.fromkeys(DENOISER_PARTS.values()), "text_encoder", "vae")
+ADAPTABLE_PARTS = (*dict.fromkeys(DENOISER_PARTS.values()), "text_encoder")  # parts LoRA adapters exist for
 # Keys an older release wrote into run folders' config.yaml: (new key, how the old value becomes the new one).
 RENAMED_KEYS = {"fidelity.extractor": ("fidelity.extractors", lambda value: [value])}
 
@@ -95,6 +96,7 @@ def _validate_values(cfg: DictConfig) -> None:
     if not isinstance(trainable, ListConfig) or not set(trainable) <= set(TRAINABLE_PARTS):
         raise ConfigError(f"model.trainable must be a list drawn from {TRAINABLE_PARTS}, got {trainable}")
     _validate_adapters(cfg.model.adapters, trainable)
+    _validate_denoiser_part(cfg.model)
     if not 0.0 <= cfg.train.ucg_probability <= 1.0:
         raise ConfigError(f"train.ucg_probability must be in [0, 1], got {cfg.train.ucg_probability}")
     if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
@@ -112,6 +114,25 @@ def _validate_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.caption_section must be impression, findings or both, got '{cfg.data.caption_section}'"
         )
+
+
+def _validate_denoiser_part(model: DictConfig) -> None:
+    """``model.backbone`` is known, and ``model.trainable``/``model.adapters.parts`` name its denoiser part
+    (``transformer`` for pixart). A null backbone with a pipeline folder is checked once the folder is read."""
+    if model.backbone is not None and model.backbone not in DENOISER_PARTS:
+        raise ConfigError(
+            f"model.backbone must be null (detected) or one of {list(DENOISER_PARTS)}, got '{model.backbone}'"
+        )
+    if model.backbone is None and model.pretrained:
+        return
+    denoiser = DENOISER_PARTS[model.backbone or "unet"]
+    for key, parts in (("model.trainable", model.trainable), ("model.adapters.parts", model.adapters.parts)):
+        others = [name for name in parts if name in DENOISER_PARTS.values() and name != denoiser]
+        if others:
+            raise ConfigError(
+                f"{key} names {others}, but the {model.backbone or 'unet'} backbone's denoiser part is "
+                f"'{denoiser}' (model.backbone={model.backbone})"
+            )
 
 
 def _validate_adapters(adapters: DictConfig, trainable: ListConfig) -> None:

@@ -229,7 +229,7 @@ def capture_cross_attention(
         recording_processors[key] = CrossAttentionRecorder(layer_name, accumulator, original_processors[key])
 
     def read_latent_size(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet's / transformer's
         accumulator.set_latent_size(*sample.shape[-2:])
 
     hook = unet.register_forward_pre_hook(read_latent_size, with_kwargs=True)

@@ -67,11 +67,12 @@ class HeatmapSettings:
 def phrase_token_indices(
     module: LatentDiffusionModule, phrases: Sequence[str], categories: Sequence[str | None]
 ) -> list[list[int]]:
-    """Per phrase, the text tokens whose attention makes its heatmap (tokenized as the module's encoder is)."""
+    """Per phrase, the text tokens whose attention makes its heatmap (tokenized as the module's encoder is: the
+    phrase as the backbone's pipeline rewrites it, e.g. lower-cased for PixArt)."""
     tokenizer = module.tokenizer
     return [
         select_phrase_tokens(phrase, category, tokenizer, tokenizer.model_max_length)
-        for phrase, category in zip(phrases, categories, strict=True)
+        for phrase, category in zip(module.backbone.prepare_captions(phrases), categories, strict=True)
     ]
 
 
@@ -117,11 +118,12 @@ def phrase_grounding_heatmaps(
             f"{len(categories)} categories and {len(image_ids)} image ids; expected one of each per item"
         )
     parts = module.evaluation_parts()
-    unet, vae = parts.unet, parts.vae
+    denoiser, vae, backbone = parts.denoiser, parts.vae, parts.backbone
     pixel_values = pixel_values.to(device=module.device, dtype=vae.dtype)
     # Forward noising in float32 whatever the VAE's dtype: in bf16 the noise vanishes at t <= 1 (the last steps read).
     latents = vae.encode(pixel_values).latent_dist.mean.float() * vae.config.scaling_factor
-    text_features = module.evaluation_text_features(phrases).to(unet.dtype)
+    dtype = backbone.input_layer(denoiser).weight.dtype
+    text_features, text_mask = module.evaluation_text_features(phrases).to(dtype), module.text_mask(phrases)
     scheduler = sampling_scheduler(module.noise_scheduler)
     scheduler.set_timesteps(settings.num_inference_steps)
     steps = settings.recorded_steps
@@ -129,23 +131,23 @@ def phrase_grounding_heatmaps(
         item_noise_seed(settings.seed, image_id, phrase) for image_id, phrase in zip(image_ids, phrases, strict=True)
     ]
     noise = forward_noising_noise(latents.shape[1:], len(steps), seeds).to(latents)
-    with capture_cross_attention(unet, settings.resolution, settings.layer_resolutions) as attention:
+    with capture_cross_attention(denoiser, settings.resolution, settings.layer_resolutions) as attention:
         for noise_at_step, step in zip(noise, steps, strict=True):
-            timestep = scheduler.timesteps[step]
-            noisy_latents = scheduler.add_noise(latents, noise_at_step, timestep.repeat(len(latents)))
-            unet(noisy_latents.to(unet.dtype), timestep, encoder_hidden_states=text_features)
+            timesteps = scheduler.timesteps[step].repeat(len(latents))
+            noisy_latents = scheduler.add_noise(latents, noise_at_step, timesteps)
+            backbone.forward(denoiser, noisy_latents.to(dtype), timesteps.to(module.device), text_features, text_mask)
     return attention.heatmap(phrase_token_indices(module, phrases, categories))
 
 
 @contextmanager
-def _step_counter(unet: torch.nn.Module, attention: AttentionAccumulator) -> Iterator[None]:
-    """Tell the accumulator the step index of each UNet call (a diffusers pipeline calls it once per step)."""
+def _step_counter(denoiser: torch.nn.Module, attention: AttentionAccumulator) -> Iterator[None]:
+    """Tell the accumulator the step index of each denoiser call (a diffusers pipeline calls it once per step)."""
     calls = itertools.count()
 
     def set_step(_module: torch.nn.Module, _args: tuple) -> None:
         attention.set_step(next(calls))
 
-    hook = unet.register_forward_pre_hook(set_step)
+    hook = denoiser.register_forward_pre_hook(set_step)
     try:
         yield
     finally:
@@ -168,16 +170,16 @@ def generation_heatmaps(
     if len(prompts) != len(categories):
         raise ValueError(f"generation_heatmaps got {len(prompts)} prompts and {len(categories)} categories")
     guided = guidance_scale > 1.0  # diffusers pipelines batch [unconditional; conditional] only then
-    unet = module.evaluation_parts().unet  # the one module.sample runs
+    denoiser = module.evaluation_parts().denoiser  # the one module.sample runs
     with (
         capture_cross_attention(
-            unet,
+            denoiser,
             settings.resolution,
             settings.layer_resolutions,
             steps=settings.recorded_steps,
             drop_unconditional=guided,
         ) as attention,
-        _step_counter(unet, attention),
+        _step_counter(denoiser, attention),
     ):
         images = module.sample(prompts, settings.num_inference_steps, guidance_scale, seed=settings.seed)
     return attention.heatmap(phrase_token_indices(module, prompts, categories)), images

@@ -1,4 +1,4 @@
-"""LoRA adapters (peft) on the UNet and the text encoder: add them, strip or merge them, export them for diffusers.
+"""LoRA adapters (peft) on the denoiser and the text encoder: add them, strip or merge them, export them for diffusers.
 
 Why LoRA beside full training: the people we build for fine-tune with low-rank adapters (diffusers' LoRA example,
 kohya's sd-scripts), and the paper's question (does training the text encoder cost grounding?) has a LoRA variant.
@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from configs import ConfigError
+from lightning_modules.backbones import Backbone
 
 # Attention projections of each text-encoder family (``config.model_type``), the default LoRA targets.
 TEXT_ENCODER_ATTENTION = {
@@ -62,10 +63,10 @@ def adapter_settings(adapters_cfg: Mapping) -> dict[str, LoraSettings]:
     return settings
 
 
-def default_target_modules(part_name: str, part: nn.Module) -> tuple[str, ...]:
-    """The UNet's attention projections, or the text encoder family's (CLIP and BERT names differ)."""
-    if part_name == "unet":
-        return ("to_q", "to_k", "to_v", "to_out.0")
+def default_target_modules(part_name: str, part: nn.Module, backbone: Backbone) -> tuple[str, ...]:
+    """The denoiser's attention projections (the backbone's), or the text encoder family's (CLIP and BERT differ)."""
+    if part_name == backbone.part:
+        return backbone.lora_target_modules
     model_type = getattr(getattr(part, "config", None), "model_type", None)
     if model_type not in TEXT_ENCODER_ATTENTION:
         raise ConfigError(
@@ -102,10 +103,10 @@ def check_target_modules(part_name: str, part: nn.Module, targets: tuple[str, ..
         )
 
 
-def add_lora(part_name: str, part: nn.Module, settings: LoraSettings) -> LoraConfig:
+def add_lora(part_name: str, part: nn.Module, settings: LoraSettings, backbone: Backbone) -> LoraConfig:
     """Freeze ``part`` and wrap its target layers in LoRA layers whose weights train (B starts at zero, so the
     adapted part computes what the base does). Draws A's initial values from the global generator."""
-    targets = settings.target_modules or default_target_modules(part_name, part)
+    targets = settings.target_modules or default_target_modules(part_name, part, backbone)
     check_target_modules(part_name, part, targets)
     config = LoraConfig(
         r=settings.rank,

@@ -1,8 +1,9 @@
-"""Build or load the parts of a latent diffusion model (UNet, VAE, text encoder, tokenizer, noise schedule).
+"""Build or load the parts of a latent diffusion model (denoiser, VAE, text encoder, tokenizer, noise schedule).
 
 One code path serves real and embedded use: each part comes from a local folder (``model.pretrained`` holds a
-diffusers pipeline folder such as Stable Diffusion 2 base; each part's own ``pretrained`` key overrides it) or is
-built from its architecture config with random initialisation. Nothing here touches the network.
+diffusers pipeline folder such as Stable Diffusion 2 base or PixArt-Σ; each part's own ``pretrained`` key overrides
+it) or is built from its architecture config with random initialisation. The denoiser (UNet or transformer) is the
+backbone's to build (``backbones/``). Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from configs import ConfigError
+from lightning_modules.backbones import Backbone, backbone_named
 
 SD_LATENT_SCALE = 0.18215
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -28,13 +30,19 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 @dataclass
 class DiffusionParts:
-    """Everything a latent diffusion model is made of; the LightningModule decides what trains."""
+    """Everything a latent diffusion model is made of; the LightningModule decides what trains. The denoiser is
+    the backbone's (a UNet or a transformer), named ``backbone.part``."""
 
-    unet: UNet2DConditionModel
+    backbone: Backbone
+    denoiser: torch.nn.Module
     vae: AutoencoderKL
     text_encoder: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     noise_scheduler: DDPMScheduler
+
+    def part(self, name: str) -> torch.nn.Module:
+        """A trainable part by its name (``unet``/``transformer``, ``text_encoder``, ``vae``)."""
+        return self.denoiser if name == self.backbone.part else getattr(self, name)
 
 
 def resolve_model_folder(source: str | Path, what: str) -> Path:
@@ -79,7 +87,7 @@ def _is_pipeline_text_encoder(cfg: DictConfig) -> bool:
 
 
 def _text_setting(
-    cfg: DictConfig, name: str, stated: bool | int | None, source: Path, field: str, expected: str
+    cfg: DictConfig, name: str, stated: bool | int | None, source: Path, field: str, expected: str, fixed: str = ""
 ) -> bool | int:
     """The value of ``model.text_encoder.<name>`` given what the encoder's folder states in ``source``.
 
@@ -87,10 +95,15 @@ def _text_setting(
     folder's value is used, and the key may only be null or repeat it (a pipeline trained without a padding mask
     must not be evaluated, or fine-tuned, with one by accident of a default). A standalone encoder folder (a plain
     BERT or CLIP checkpoint, which says nothing about diffusion conditioning) follows the key; null there means
-    the folder's value, refused when the folder states none.
+    the folder's value, refused when the folder states none. ``fixed`` (e.g. "PixArtSigmaPipeline always passes the
+    padding mask") marks ``stated`` as the backbone's pipeline's own value, which every encoder folder must follow.
     """
     key = f"model.text_encoder.{name}"
     configured = cfg.text_encoder[name]
+    if fixed:
+        if configured is not None and configured != stated:
+            raise ConfigError(f"{key}={json.dumps(configured)} contradicts the backbone: {fixed}; set {key}=null")
+        return stated
     pipeline = _is_pipeline_text_encoder(cfg)
     if configured is not None and not pipeline:
         return configured
@@ -104,36 +117,45 @@ def _text_setting(
     return stated
 
 
-def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: DictConfig, backbone: Backbone) -> PreTrainedTokenizerBase:
     """The text encoder's fast tokenizer; prompts are padded and cut to ``model_max_length`` tokens, which is the
-    pipeline folder's own, or ``model.text_encoder.max_length`` for a standalone encoder (``_text_setting``)."""
+    pipeline folder's own (its tokenizer's, or the length the backbone's pipeline pads to: 300 for PixArt-Σ), or
+    ``model.text_encoder.max_length`` for a standalone encoder (``_text_setting``)."""
     folder = _text_encoder_folder(cfg)
     tokenizer_folder = folder.parent / "tokenizer" if (folder.parent / "tokenizer").is_dir() else folder
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
     stated = tokenizer.model_max_length if tokenizer.model_max_length < VERY_LARGE_INTEGER else None  # else unset
     source = tokenizer_folder / "tokenizer_config.json"
+    if _is_pipeline_text_encoder(cfg) and backbone.pipeline_max_length is not None:
+        stated, source = backbone.pipeline_max_length, Path(f"{backbone.pipeline_class.__name__}'s max_sequence_length")
     max_length = _text_setting(cfg, "max_length", stated, source, "model_max_length", "a number of tokens")
     tokenizer.model_max_length = int(max_length)
     return tokenizer
 
 
-def load_text_encoder(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_text_encoder(cfg: DictConfig, backbone: Backbone) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any transformers encoder with a fast tokenizer (see ``load_tokenizer``).
 
     Whether the padding mask reaches the encoder is written into its config as ``use_attention_mask``, the flag
     diffusers' ``encode_prompt`` reads (present and true: mask; else none): training, evaluation and an exported
     pipeline loaded by diffusers all condition alike. A pipeline folder's flag is read as diffusers reads it, so a
-    missing key (SD 2's OpenCLIP encoder) is no mask (``_text_setting``).
+    missing key (SD 2's OpenCLIP encoder) is no mask (``_text_setting``). A backbone whose pipeline always passes
+    the mask (PixArt-Σ's) fixes it to true for any encoder folder.
     """
     folder = _text_encoder_folder(cfg)
     encoder = AutoModel.from_pretrained(folder, local_files_only=True)
     stated = getattr(encoder.config, "use_attention_mask", None)
     if _is_pipeline_text_encoder(cfg):
         stated = bool(stated)
+    fixed = ""
+    if backbone.always_masks_text is not None:
+        stated = backbone.always_masks_text
+        fixed = f"{backbone.pipeline_class.__name__} passes the padding mask {'always' if stated else 'never'}"
     expected = "true (BERT-style encoders are trained with the padding mask) or false (CLIP's without)"
-    use_mask = _text_setting(cfg, "use_attention_mask", stated, folder / "config.json", "use_attention_mask", expected)
+    source = folder / "config.json"
+    use_mask = _text_setting(cfg, "use_attention_mask", stated, source, "use_attention_mask", expected, fixed)
     encoder.config.use_attention_mask = bool(use_mask)
-    return encoder, load_tokenizer(cfg)
+    return encoder, load_tokenizer(cfg, backbone)
 
 
 def pretrained_vae_folder(cfg: DictConfig) -> Path | None:
@@ -173,33 +195,6 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_unet(
-    cfg: DictConfig, folder: Path | None, latent_size: int, latent_channels: int, cross_attention_dim: int
-) -> UNet2DConditionModel:
-    """Load a UNet, or build one whose cross-attention width matches the text encoder's hidden size."""
-    if folder is not None:
-        unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
-        if unet.config.cross_attention_dim != cross_attention_dim:
-            raise ValueError(
-                f"UNet from '{folder}' expects text features of width {unet.config.cross_attention_dim}, "
-                f"but the text encoder gives {cross_attention_dim}"
-            )
-        return unet
-    channels = list(cfg.unet.block_out_channels)
-    return UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        down_block_types=tuple(cfg.unet.down_block_types),
-        up_block_types=tuple(cfg.unet.up_block_types),
-        block_out_channels=tuple(channels),
-        layers_per_block=int(cfg.unet.layers_per_block),
-        attention_head_dim=int(cfg.unet.attention_head_dim),
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=min(32, channels[0]),
-    )
-
-
 def build_noise_scheduler(cfg: DictConfig, folder: Path | None, prediction_type: str | None) -> DDPMScheduler:
     """The training noise schedule: a pretrained folder's, or built from ``model.scheduler``.
 
@@ -237,13 +232,21 @@ def build_noise_scheduler(cfg: DictConfig, folder: Path | None, prediction_type:
 
 
 def sampling_scheduler(noise_scheduler: DDPMScheduler) -> DDIMScheduler:
-    """DDIM over the training schedule, with SD's sampling settings."""
+    """DDIM over the training schedule, with SD's sampling settings: the UNet's sampler, and for every backbone the
+    steps grounding noises the real latent along (the paper's N-step DDIM schedule)."""
     return DDIMScheduler.from_config(noise_scheduler.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def denoiser_config(cfg: DictConfig, backbone: Backbone) -> DictConfig:
+    """The backbone's section of ``model`` (``model.unet``, ``model.pixart``): its architecture and own folder."""
+    return cfg[backbone.name]
 
 
 def build_diffusion_parts(cfg: DictConfig, resolution: int, vae_folder: Path | None = None) -> DiffusionParts:
     """All parts from ``model`` config; ``vae_folder`` (e.g. the autoencoder stage's output) wins over config."""
-    text_encoder, tokenizer = load_text_encoder(cfg)
+    pipeline_folder = resolve_model_folder(cfg.pretrained, "model.pretrained") if cfg.pretrained else None
+    backbone = backbone_named(cfg.backbone, pipeline_folder)
+    text_encoder, tokenizer = load_text_encoder(cfg, backbone)
     if vae_folder is None:
         if cfg.vae.pretrained == "auto":
             raise ValueError("model.vae.pretrained=auto needs the folder written by the autoencoder stage")
@@ -252,13 +255,14 @@ def build_diffusion_parts(cfg: DictConfig, resolution: int, vae_folder: Path | N
     factor = vae_downsampling_factor(vae)
     if resolution % factor:
         raise ValueError(f"data.resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
-    unet = build_unet(
-        cfg,
-        _part_folder(cfg.unet.pretrained, cfg.pretrained, "unet", "model.unet"),
+    own = denoiser_config(cfg, backbone)
+    denoiser = backbone.build(
+        own,
+        _part_folder(own.pretrained, cfg.pretrained, backbone.part, f"model.{backbone.name}"),
         latent_size=resolution // factor,
         latent_channels=vae.config.latent_channels,
-        cross_attention_dim=text_encoder.config.hidden_size,
+        text_width=text_encoder.config.hidden_size,
     )
     scheduler_folder = _part_folder(None, cfg.pretrained, "scheduler", "model.scheduler")
     noise_scheduler = build_noise_scheduler(cfg.scheduler, scheduler_folder, cfg.prediction_type)
-    return DiffusionParts(unet, vae, text_encoder, tokenizer, noise_scheduler)
+    return DiffusionParts(backbone, denoiser, vae, text_encoder, tokenizer, noise_scheduler)

@@ -37,14 +37,10 @@ def _output_requires_grad(module: nn.Module, inputs: tuple, output: torch.Tensor
         output.requires_grad_(True)
 
 
-def input_layer(part: nn.Module) -> nn.Module:
-    """The first layer of an adaptable part: a text encoder's token embeddings, the UNet's input convolution."""
-    return part.get_input_embeddings() if isinstance(part, PreTrainedModel) else part.conv_in
-
-
-def enable_gradient_checkpointing(part: nn.Module, adapted: bool) -> None:
+def enable_gradient_checkpointing(part: nn.Module, adapted: bool, input_layer: nn.Module | None = None) -> None:
     """Checkpoint ``part`` (a diffusers model or a transformers encoder) non-reentrant; ``adapted``: it trains
-    LoRA adapters on frozen base weights, and its input layer's output is made to require grad too."""
+    LoRA adapters on frozen base weights, and its input layer's output is made to require grad too (a text
+    encoder's token embeddings; a denoiser's is ``input_layer``, which its backbone names)."""
     if isinstance(part, ModelMixin):
         part.enable_gradient_checkpointing(checkpointed_call)
     elif hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated
@@ -52,4 +48,5 @@ def enable_gradient_checkpointing(part: nn.Module, adapted: bool) -> None:
     else:
         part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
     if adapted:
-        input_layer(part).register_forward_hook(_output_requires_grad)
+        layer = part.get_input_embeddings() if isinstance(part, PreTrainedModel) else input_layer
+        layer.register_forward_hook(_output_requires_grad)

@@ -1,57 +1,39 @@
 """The diffusion stage: fine-tune a latent diffusion model on (X-ray, report) pairs.
 
-Which parts train is an explicit, recorded choice (``trainable`` ⊆ {unet, text_encoder, vae}): the paper's finding is
-that training the text encoder buys fidelity at the cost of grounding. Frozen parts stay in eval mode, receive no
-gradients, are absent from the optimizer and are not written into checkpoints (they come from their sources).
-A part may instead train through LoRA adapters (``adapters``, see ``adapters.py``): it then counts as trained
-(train mode, EMA, optimizer group, no feature cache) but only its adapter weights train and are checkpointed.
+The denoiser is the backbone's (``backbones/``: the paper's UNet, or a PixArt-Σ transformer), kept under its own part
+name (``module.unet``, ``module.transformer``). Which parts train is an explicit, recorded choice (``trainable`` ⊆
+{denoiser, text_encoder, vae}): the paper's finding is that training the text encoder buys fidelity at the cost of
+grounding. Frozen parts stay in eval mode, receive no gradients, are absent from the optimizer and are not written
+into checkpoints (they come from their sources). A part may instead train through LoRA adapters (``adapters``, see
+``adapters.py``): it then counts as trained (train mode, EMA, optimizer group, no feature cache) but only its
+adapter weights train and are checkpointed.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_constant_schedule_with_warmup
-from diffusers.training_utils import compute_snr
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
 
 from datamodules.skips import SkipLedger, skip_metric_name
-from lightning_modules.adapters import (
-    LoraSettings,
-    adapter_settings,
-    add_lora,
-    check_adapters_reached,
-    is_adapter_key,
-    plain_copy,
-    write_lora_weights,
-)
-from lightning_modules.components import (
-    DiffusionParts,
-    build_diffusion_parts,
-    sampling_scheduler,
-    vae_downsampling_factor,
-)
+from lightning_modules import generation
+from lightning_modules.adapters import LoraSettings, adapter_settings, add_lora, is_adapter_key
+from lightning_modules.backbones import NoisedBatch
+from lightning_modules.components import DiffusionParts, build_diffusion_parts, denoiser_config
 from lightning_modules.ema import EmaParts
 from lightning_modules.gradient_checkpointing import enable_gradient_checkpointing
+from lightning_modules.latents import ImageLatents
 from lightning_modules.loss_weighting import counted_mean
-from lightning_modules.objective_reach import unreached_parameters
-from lightning_modules.rng import (
-    every_rank_state,
-    restore_rng_state,
-    seed_process,
-    seed_training_generator,
-)
-
-PART_NAMES = ("unet", "text_encoder", "vae")
+from lightning_modules.objective_reach import freeze_unreached
+from lightning_modules.rng import every_rank_state, restore_rng_state, seed_process, seed_training_generator
+from lightning_modules.text_conditioning import TextConditioning, text_feature_batch_size
 
 
 def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator | None = None) -> list[str]:
@@ -61,17 +43,7 @@ def drop_captions(captions: Sequence[str], probability: float, generator: torch.
     return [caption if kept else "" for caption, kept in zip(captions, keep.tolist(), strict=True)]
 
 
-def text_feature_batch_size(cfg: DictConfig) -> int:
-    """``train.text_feature_batch_size``; null: 1 on CPU, where padding rows cost their FLOPs, and a data batch
-    on an accelerator, where one call replaces one per miss (bench/text_cache.py)."""
-    if cfg.train.text_feature_batch_size is not None:
-        return int(cfg.train.text_feature_batch_size)
-    accelerator = str(cfg.trainer.accelerator)
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    return 1 if on_cpu else int(cfg.data.batch_size)
-
-
-class LatentDiffusionModule(L.LightningModule):
+class LatentDiffusionModule(TextConditioning, ImageLatents, L.LightningModule):
     def __init__(
         self,
         parts: DiffusionParts,
@@ -92,17 +64,20 @@ class LatentDiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         adapters = dict(adapters or {})
-        unknown = (set(trainable) | set(adapters)) - set(PART_NAMES)
+        self.backbone = parts.backbone
+        self.part_names = (parts.backbone.part, "text_encoder", "vae")
+        unknown = (set(trainable) | set(adapters)) - set(self.part_names)
         if unknown or not (trainable or adapters) or set(trainable) & set(adapters):
             raise ValueError(
-                f"trainable and adapters must be disjoint subsets of {PART_NAMES}, not both empty; got "
-                f"{list(trainable)} and {list(adapters)}"
+                f"trainable and adapters must be disjoint subsets of {self.part_names} (the {parts.backbone.name} "
+                f"backbone's parts), not both empty; got {list(trainable)} and {list(adapters)}"
             )
-        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        setattr(self, parts.backbone.part, parts.denoiser)
+        self.vae, self.text_encoder = parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         # Trained parts: fully trained ones and adapted ones (``adapted``: only their adapter weights train).
-        self.trainable = tuple(name for name in PART_NAMES if name in trainable or name in adapters)
-        self.adapted = tuple(name for name in PART_NAMES if name in adapters)
+        self.trainable = tuple(name for name in self.part_names if name in trainable or name in adapters)
+        self.adapted = tuple(name for name in self.part_names if name in adapters)
         self.learning_rates = dict(learning_rates or {}) | {name: adapters[name].learning_rate for name in adapters}
         missing_lr = [name for name in self.trainable if name not in self.learning_rates]
         if missing_lr:
@@ -110,14 +85,17 @@ class LatentDiffusionModule(L.LightningModule):
         self.adam_weight_decay, self.adam_betas = adam_weight_decay, tuple(adam_betas)
         self.lr_warmup_steps = lr_warmup_steps
         self.ucg_probability, self.snr_gamma = ucg_probability, snr_gamma
-        for name in PART_NAMES:
+        for name in self.part_names:
             getattr(self, name).requires_grad_(name in self.trainable and name not in self.adapted)
         for name in self.adapted:
-            add_lora(name, getattr(self, name), adapters[name])
+            add_lora(name, getattr(self, name), adapters[name], self.backbone)
         if gradient_checkpointing:  # before the probe below, which must run the forward that trains
-            for name in ("unet", "text_encoder") if "text_encoder" in self.trainable else ("unet",):
-                enable_gradient_checkpointing(getattr(self, name), adapted=name in self.adapted)
-        self.unused_parameters = self._freeze_what_the_objective_never_reaches()
+            checkpointed = self.part_names[:2] if "text_encoder" in self.trainable else self.part_names[:1]
+            for name in checkpointed:
+                part = getattr(self, name)
+                input_layer = self.backbone.input_layer(part) if name == self.backbone.part else None
+                enable_gradient_checkpointing(part, adapted=name in self.adapted, input_layer=input_layer)
+        self.unused_parameters = freeze_unreached(self)
         # Trained parameters (requires_grad) are set by now: the EMA copies own exactly those.
         self.ema = EmaParts({name: getattr(self, name) for name in self.trainable}, ema_decay) if use_ema else None
         # Frozen parts are rebuilt from their sources, so checkpoints hold only what trains.
@@ -140,13 +118,16 @@ class LatentDiffusionModule(L.LightningModule):
     def from_config(cls, cfg: DictConfig, vae_folder: Path | None = None) -> LatentDiffusionModule:
         """The one place where ``model`` and ``train`` config become a module (train.py and evaluation use it)."""
         train_cfg = cfg.train
-        if "unet" in cfg.model.adapters.parts and not (cfg.model.unet.pretrained or cfg.model.pretrained):
+        parts = build_diffusion_parts(cfg.model, cfg.data.resolution, vae_folder=vae_folder)
+        denoiser, own = parts.backbone.part, denoiser_config(cfg.model, parts.backbone)
+        if denoiser in cfg.model.adapters.parts and not (own.pretrained or cfg.model.pretrained):
             rank_zero_warn(
-                "model.adapters.parts includes unet but the UNet has no pretrained weights (model.unet.pretrained "
-                "and model.pretrained are null): LoRA adapts a randomly initialised UNet"
+                f"model.adapters.parts includes {denoiser} but it has no pretrained weights (model."
+                f"{parts.backbone.name}.pretrained and "
+                f"model.pretrained are null): LoRA adapts a randomly initialised {denoiser}"
             )
         return cls(
-            build_diffusion_parts(cfg.model, cfg.data.resolution, vae_folder=vae_folder),
+            parts,
             trainable=list(cfg.model.trainable),
             learning_rates=dict(train_cfg.learning_rate),
             adam_weight_decay=train_cfg.adam_weight_decay,
@@ -168,122 +149,13 @@ class LatentDiffusionModule(L.LightningModule):
         """The trained parameters: those of the trainable parts that require grad (the objective reaches them)."""
         return [p for name in self.trainable for p in getattr(self, name).parameters() if p.requires_grad]
 
-    def _freeze_what_the_objective_never_reaches(self) -> list[str]:
-        """Parameters of trainable parts that get no gradient from the objective (BERT's pooler, the VAE's decoder)
-        stop requiring grad: not optimized, not averaged, and DDP never waits for them (``objective_reach``).
-
-        Probed on a short caption and a latent-pixel-sized image; the UNet is not probed, its whole output is the
-        prediction. Returns the frozen parameters' names ("text_encoder.pooler.dense.weight", ...).
-        """
-        size = vae_downsampling_factor(self.vae)
-        image = torch.zeros(1, self.vae.config.in_channels, size, size, dtype=self.vae.dtype, device=self.vae.device)
-        objective_paths = {  # what encode_text (never cached when trained) and encode_images run
-            "text_encoder": lambda: self._run_text_encoder(["a"]),
-            "vae": lambda: self.encode_images(image),
-        }
-        frozen = []
-        for name in (name for name in self.trainable if name in objective_paths):
-            part = getattr(self, name)
-            unreached = unreached_parameters(part, objective_paths[name])
-            if name in self.adapted:
-                check_adapters_reached(name, part, unreached)
-            elif len(unreached) == sum(parameter.requires_grad for parameter in part.parameters()):
-                raise RuntimeError(f"the objective reaches none of the trainable {name}'s parameters")
-            for parameter_name in unreached:
-                part.get_parameter(parameter_name).requires_grad_(False)
-                frozen.append(f"{name}.{parameter_name}")
-        if frozen:
-            modules = Counter(".".join(name.split(".")[:2]) for name in frozen)
-            listed = ", ".join(f"{module} ({count} tensors)" for module, count in modules.items())
-            rank_zero_info(f"[model] not trained, the objective never uses them: {listed}")
-        return frozen
-
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         """Lightning switches the whole module to train mode; frozen parts must stay in eval (dropout, norms)."""
         super().train(mode)
-        for name in PART_NAMES:
+        for name in self.part_names:
             if name not in self.trainable:
                 getattr(self, name).eval()
         return self
-
-    # ----------------------------------------------------------------------------------------- encoders
-    def _run_text_encoder(self, captions: Sequence[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
-        text_encoder = self.text_encoder if text_encoder is None else text_encoder
-        tokens = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).to(self.device)
-        use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-        with torch.set_grad_enabled(self.training and "text_encoder" in self.trainable):
-            output = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask if use_mask else None)
-        return output[0]
-
-    def evaluation_text_features(self, captions: Sequence[str]) -> torch.Tensor:
-        """Text features from the evaluation weights (``evaluation_parts``), never read from or written to the
-        training cache: an evaluation leaves what training computes unchanged."""
-        return self._run_text_encoder(captions, self.evaluation_parts().text_encoder)
-
-    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        """Text features; a frozen encoder's are cached per caption (most of a small model's step otherwise).
-
-        A batch's misses are encoded together (``_encode_misses``), least recently used captions are evicted.
-        """
-        if self.text_feature_cache_size == 0 or "text_encoder" in self.trainable:
-            return self._run_text_encoder(captions)
-        cache = self.text_feature_cache
-        misses = list(dict.fromkeys(caption for caption in captions if caption not in cache))
-        cache.update(zip(misses, self._encode_misses(misses), strict=True))
-        features = []
-        for caption in captions:
-            cache.move_to_end(caption)
-            features.append(cache[caption])
-        while len(cache) > self.text_feature_cache_size:
-            cache.popitem(last=False)
-        return torch.stack(features)
-
-    def _encode_misses(self, captions: list[str]) -> list[torch.Tensor]:
-        """Features of uncached captions, in encoder calls of exactly ``text_feature_batch_size`` captions.
-
-        A cached feature must not depend on which batch filled it: a resumed run, whose cache starts empty, has to
-        compute bit-identical features. Every call has the same shape (the last chunk padded with empty captions),
-        so each caption goes through the same kernels whatever its companions; rows never interact.
-        """
-        size, features = self.text_feature_batch_size, []
-        for start in range(0, len(captions), size):
-            chunk = captions[start : start + size]
-            encoded = self._run_text_encoder([*chunk, *[""] * (size - len(chunk))]).detach()
-            features += [row.clone() for row in encoded[: len(chunk)]]  # not views that keep the padding alive
-        return features
-
-    def encode_images(
-        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, evaluation: bool = False
-    ) -> torch.Tensor:
-        """Scaled latents: a fresh float32 sample of the VAE posterior, as latent diffusion trains
-        (``evaluation``: with the evaluation VAE)."""
-        vae = self.evaluation_parts().vae if evaluation else self.vae
-        with torch.set_grad_enabled(self.training and "vae" in self.trainable):
-            moments = vae.encode(pixel_values).latent_dist.parameters
-            return self._sample_posterior(moments, generator)
-
-    def _sample_posterior(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """In float32 whatever the VAE's dtype or autocast: the sample is the clean input of forward noising."""
-        posterior = DiagonalGaussianDistribution(moments.float())
-        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
-
-    def batch_latents(
-        self, batch: dict, generator: torch.Generator | None = None, evaluation: bool = False
-    ) -> torch.Tensor:
-        """Scaled latents of a batch: sampled from its cached posterior (``latent_moments``) or encoded from pixels.
-
-        The cached moments are the frozen VAE's own output, so both paths sample the same distribution with the
-        same draws; train.py refuses cached latents from another VAE or a trainable one.
-        """
-        if "latent_moments" not in batch:
-            return self.encode_images(batch["pixel_values"], generator, evaluation)
-        return self._sample_posterior(batch["latent_moments"].to(self.device), generator)
 
     # ----------------------------------------------------------------------------------------- objective
     def diffusion_loss(
@@ -294,40 +166,32 @@ class LatentDiffusionModule(L.LightningModule):
         sample_weights: torch.Tensor | None = None,
         evaluation: bool = False,
     ) -> torch.Tensor:
-        """Noise-prediction (or v) MSE at a random timestep, optionally Min-SNR-γ weighted.
+        """The backbone's objective (``per_sample_loss``: noise or v MSE, learned variance) at a random timestep.
 
         Draws come from ``generator`` on its own device (a CPU generator gives the same draws on any device);
-        ``evaluation``: with the evaluation weights (``evaluation_parts``) instead of the training ones.
-
-        Noise, forward noising, target and loss are float32 under any precision (``noisy_latents_and_target``);
-        only the UNet runs in the training precision. ``sample_weights`` (the loader's ``loss_weight``) give zero
-        weight to the repeats that even out the processes' shares of an epoch: the loss is the weighted mean over
-        counted samples.
+        ``evaluation``: with the evaluation weights (``evaluation_parts``) instead of the training ones. Noise,
+        forward noising, target and loss are float32 under any precision (``noisy_latents_and_target``); only the
+        denoiser runs in the training precision. ``sample_weights`` (the loader's ``loss_weight``) give zero weight
+        to the repeats that even out the processes' shares of an epoch: the loss is the weighted mean over counted
+        samples.
         """
         draw_on = latents.device if generator is None else generator.device
         noise = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=torch.float32)
-        timesteps = torch.randint(
-            0,
-            self.noise_scheduler.config.num_train_timesteps,
-            (latents.shape[0],),
-            generator=generator,
-            device=draw_on,
-        )
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=draw_on)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         noisy_latents, target = self.noisy_latents_and_target(latents, noise, timesteps)
         text_features = self.evaluation_text_features(captions) if evaluation else self.encode_text(captions)
-        unet = self.evaluation_parts().unet if evaluation else self.unet
-        # A bf16-true UNet needs bf16 input; under bf16-mixed autocast casts inside each layer as usual. The input
-        # layer's dtype, not ``unet.dtype``: that walks every submodule looking for casting hooks (~1 ms a step).
-        prediction = unet(noisy_latents.to(unet.conv_in.weight.dtype), timesteps, text_features).sample
+        denoiser = self.evaluation_parts().denoiser if evaluation else self.denoiser
+        # A bf16-true denoiser needs bf16 input; under bf16-mixed autocast casts inside each layer as usual. The
+        # input layer's dtype, not ``.dtype``: that walks every submodule looking for casting hooks (~1 ms a step).
+        input_dtype = self.backbone.input_layer(denoiser).weight.dtype
+        output = self.backbone.forward(
+            denoiser, noisy_latents.to(input_dtype), timesteps, text_features, self.text_mask(captions)
+        )
         with torch.autocast(latents.device.type, enabled=False):
-            per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-            if self.snr_gamma is not None:
-                snr = compute_snr(self.noise_scheduler, timesteps)
-                weight = torch.clamp(snr, max=self.snr_gamma) / snr
-                if self.noise_scheduler.config.prediction_type == "v_prediction":
-                    weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
-                per_sample = per_sample * weight
+            drawn = NoisedBatch(latents.float(), noise, timesteps, noisy_latents)
+            per_sample = self.backbone.per_sample_loss(output, target, self.noise_scheduler, drawn, self.snr_gamma)
             return counted_mean(per_sample, sample_weights)
 
     def noisy_latents_and_target(
@@ -443,7 +307,8 @@ class LatentDiffusionModule(L.LightningModule):
         trained part when EMA is kept, else the part itself. The training weights are never swapped."""
         copies = {} if self.ema is None else dict(self.ema.copies.items())
         return DiffusionParts(
-            unet=copies.get("unet", self.unet),
+            backbone=self.backbone,
+            denoiser=copies.get(self.backbone.part, self.denoiser),
             vae=copies.get("vae", self.vae),
             text_encoder=copies.get("text_encoder", self.text_encoder),
             tokenizer=self.tokenizer,
@@ -500,24 +365,15 @@ class LatentDiffusionModule(L.LightningModule):
             self.ema.load_checkpoint_state(checkpoint["ema"], {name: getattr(self, name) for name in self.trainable})
 
     # ----------------------------------------------------------------------------------------- sampling & export
-    def pipeline(self, **replaced_parts) -> StableDiffusionPipeline:
-        """The standard diffusers pipeline around the evaluation parts (no copies), with DDIM sampling;
-        ``replaced_parts`` (e.g. ``unet=...``) take the place of those parts."""
-        parts = replace(self.evaluation_parts(), **replaced_parts)
-        pipe = StableDiffusionPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=parts.unet,
-            scheduler=sampling_scheduler(parts.noise_scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The training weights of the backbone's denoiser (``self.unet`` or ``self.transformer``)."""
+        return getattr(self, self.backbone.part)
 
-    @torch.no_grad()
+    def pipeline(self, **replaced_parts: torch.nn.Module) -> DiffusionPipeline:
+        """The backbone's diffusers pipeline around the evaluation parts (``generation.module_pipeline``)."""
+        return generation.module_pipeline(self, **replaced_parts)
+
     def sample(
         self,
         prompts: Sequence[str],
@@ -527,60 +383,17 @@ class LatentDiffusionModule(L.LightningModule):
         resolution: int | None = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Images in [0, 1], (N, 3, H, W), float32 on the CPU, generated on the module's device with classifier-free
-        guidance and the evaluation weights.
+        """Images in [0, 1], (N, 3, H, W), float32 on the CPU, generated on the module's device by the backbone's
+        pipeline with classifier-free guidance and the evaluation weights.
 
         The initial noise comes from a CPU generator (the same images on any device); the VAE decodes one image at
         a time, so a batch at 512 px fits. ``autocast_dtype`` (e.g. torch.bfloat16) runs the networks under
-        autocast; the latents and the DDIM update stay float32.
+        autocast; the latents and the sampler's update stay float32.
         """
-        pipe = self.pipeline()
-        size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        was_training = self.training
-        self.eval()  # the training parts are the evaluation parts when no EMA is kept
-        autocast = torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-        try:
-            with autocast:
-                latents = pipe(
-                    list(prompts),
-                    height=size,
-                    width=size,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=torch.Generator(device="cpu").manual_seed(seed),
-                    output_type="latent",
-                ).images
-                images = [self._decode(pipe, latent[None]) for latent in latents]
-        finally:
-            self.train(was_training)
-        return torch.cat(images)
-
-    @staticmethod
-    def _decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
-        """As the pipeline decodes (scaling, VAE, post-processing to [0, 1]), moved to the CPU as float32."""
-        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-        return pipe.image_processor.postprocess(decoded, output_type="pt").float().cpu()
+        return generation.generate(self, prompts, num_inference_steps, guidance_scale, seed, resolution, autocast_dtype)
 
     def export_pipeline(self, folder: str | Path) -> Path:
-        """Write a StableDiffusionPipeline folder (the evaluation weights: EMA when kept) that diffusers loads;
-        adapters are merged into their parts' weights (a plain pipeline, no peft needed)."""
-        folder = Path(folder)
-        self._plain_pipeline(merge=True).save_pretrained(folder, safe_serialization=True)
-        return folder
+        return generation.export_pipeline(self, folder)  # the pipeline folder diffusers loads, adapters merged
 
     def export_lora(self, folder: str | Path) -> Path:
-        """Write the adapters as diffusers LoRA weights (``pytorch_lora_weights.safetensors``) beside the base
-        pipeline they load onto: the evaluation weights with the adapters left out. ``from_pretrained(folder)``
-        then ``load_lora_weights(folder)`` gives the adapted model. When only adapters train, the base is the model
-        the run started from, so the weights file alone loads onto that model."""
-        if not self.adapted:
-            raise ValueError("export_lora: this model has no adapters (model.adapters.parts is empty)")
-        folder = Path(folder)
-        self._plain_pipeline(merge=False).save_pretrained(folder, safe_serialization=True)
-        parts = self.evaluation_parts()
-        return write_lora_weights(folder, {name: getattr(parts, name) for name in self.adapted})
-
-    def _plain_pipeline(self, merge: bool) -> StableDiffusionPipeline:
-        """The pipeline with every adapted part as a plain model: adapters merged in, or left out (the base)."""
-        parts = self.evaluation_parts()
-        return self.pipeline(**{name: plain_copy(getattr(parts, name), merge) for name in self.adapted})
+        return generation.export_lora(self, folder)  # the adapters as LoRA weights beside their base pipeline

@@ -13,13 +13,15 @@ from omegaconf import DictConfig
 from configs import load_config
 from datamodules.cxr_datamodule import resolve_data_root
 from lightning_modules.autoencoder import vae_cache_folder
+from lightning_modules.backbones import backbone_named
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
 
-def _pipeline_resolution(folder: Path) -> int:
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+def _pipeline_resolution(folder: Path, denoiser_part: str) -> int:
+    """The image size a pipeline folder generates: its denoiser's latent ``sample_size`` through the VAE."""
+    denoiser = json.loads((folder / denoiser_part / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def load_diffusion_module(
@@ -39,17 +41,19 @@ def load_diffusion_module(
                 f"'{source}' holds LoRA weights beside their base pipeline; evaluate the merged pipeline (the "
                 "run's pipeline/ folder) or the run's checkpoint instead"
             )
+        denoiser_part = backbone_named(None, source).part
         cfg = load_config(
             [],
             [
                 f"model.pretrained={source}",
+                f"model.trainable=[{denoiser_part}]",  # evaluation trains nothing; the denoiser stands for "a part"
                 "model.text_encoder.pretrained=null",
                 # The folder's own padding mask and context, as diffusers' encode_prompt uses them
                 # (lightning_modules.components._text_setting); overrides may only repeat them.
                 "model.text_encoder.use_attention_mask=null",
                 "model.text_encoder.max_length=null",
                 "model.vae.pretrained=null",
-                f"data.resolution={_pipeline_resolution(source)}",
+                f"data.resolution={_pipeline_resolution(source, denoiser_part)}",
                 "train.use_ema=false",
                 *overrides,
             ],

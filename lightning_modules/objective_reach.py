@@ -10,10 +10,19 @@ out of training. A probe rather than a list of names, so the rule holds for any 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from lightning_modules.adapters import check_adapters_reached
+from lightning_modules.components import vae_downsampling_factor
+
+if TYPE_CHECKING:
+    from lightning_modules.latent_diffusion import LatentDiffusionModule
 
 
 def unreached_parameters(part: nn.Module, objective_path: Callable[[], torch.Tensor]) -> list[str]:
@@ -52,3 +61,36 @@ def unreached_parameters(part: nn.Module, objective_path: Callable[[], torch.Ten
                     continue
                 if not torch.equal(buffer, buffers[name]):  # copying into every buffer would hit expanded views
                     buffer.copy_(buffers[name])
+
+
+def freeze_unreached(module: LatentDiffusionModule) -> list[str]:
+    """Parameters of a module's trainable parts that get no gradient from the objective (BERT's pooler, the VAE's
+    decoder) stop requiring grad: not optimized, not averaged, and DDP never waits for them.
+
+    Probed on a short caption and a latent-pixel-sized image; the denoiser is not probed, its whole output is the
+    prediction. An adapted part must have some adapter reached. Returns the frozen parameters' names
+    ("text_encoder.pooler.dense.weight", ...).
+    """
+    size = vae_downsampling_factor(module.vae)
+    vae = module.vae
+    image = torch.zeros(1, vae.config.in_channels, size, size, dtype=vae.dtype, device=vae.device)
+    objective_paths = {  # what encode_text (never cached when trained) and encode_images run
+        "text_encoder": lambda: module._run_text_encoder(["a"]),
+        "vae": lambda: module.encode_images(image),
+    }
+    frozen = []
+    for name in (name for name in module.trainable if name in objective_paths):
+        part = getattr(module, name)
+        unreached = unreached_parameters(part, objective_paths[name])
+        if name in module.adapted:
+            check_adapters_reached(name, part, unreached)
+        elif len(unreached) == sum(parameter.requires_grad for parameter in part.parameters()):
+            raise RuntimeError(f"the objective reaches none of the trainable {name}'s parameters")
+        for parameter_name in unreached:
+            part.get_parameter(parameter_name).requires_grad_(False)
+            frozen.append(f"{name}.{parameter_name}")
+    if frozen:
+        modules = Counter(".".join(name.split(".")[:2]) for name in frozen)
+        listed = ", ".join(f"{module_name} ({count} tensors)" for module_name, count in modules.items())
+        rank_zero_info(f"[model] not trained, the objective never uses them: {listed}")
+    return frozen

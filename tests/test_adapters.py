@@ -299,7 +299,7 @@ def test_both_exports_reload_in_diffusers_and_compute_the_adapted_model(tiny_ove
     tokens = module.tokenizer(CAPTIONS, padding="max_length", max_length=16, return_tensors="pt").input_ids
     with torch.no_grad():
         features = parts.text_encoder(tokens)[0]
-    expected = unet_output(parts.unet, features)
+    expected = unet_output(parts.denoiser, features)
 
     merged = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", local_files_only=True)
     assert not any(isinstance(layer, BaseTunerLayer) for layer in merged.unet.modules())
@@ -315,7 +315,7 @@ def test_both_exports_reload_in_diffusers_and_compute_the_adapted_model(tiny_ove
     with torch.no_grad():
         torch.testing.assert_close(original.text_encoder(tokens)[0], features, atol=1e-6, rtol=0)
     torch.testing.assert_close(unet_output(original.unet, features), expected, atol=1e-6, rtol=0)
-    assert (unet_output(plain_copy(parts.unet, merge=False), features) - expected).abs().max() > 1e-3
+    assert (unet_output(plain_copy(parts.denoiser, merge=False), features) - expected).abs().max() > 1e-3
     with pytest.raises(ValueError, match="holds LoRA weights beside their base pipeline"):
         load_diffusion_module(tmp_path / "pipeline_lora", TINY_MODEL)  # evaluating the base alone would mislead
 

@@ -113,12 +113,12 @@ def test_published_sd2_shape():
     """SD-2 base's published parameter counts: UNet 865.9 M, text encoder 340.4 M, VAE 83.7 M."""
     with torch.device("meta"):
         parts = sd2_shape.build_parts(sd2_shape.SD2, 512)
-    assert sd2_shape.parameter_count(parts.unet) == 865_910_724
+    assert sd2_shape.parameter_count(parts.denoiser) == 865_910_724
     assert sd2_shape.parameter_count(parts.text_encoder) == 340_387_840
     assert sd2_shape.parameter_count(parts.vae) == 83_653_863
-    assert tuple(parts.unet.config.attention_head_dim) == (5, 10, 20, 20)  # heads per block, 64 channels each
-    assert parts.unet.config.sample_size == 64
-    assert [m.heads for m in parts.unet.modules() if type(m).__name__ == "Attention"][:2] == [5, 5]
+    assert tuple(parts.denoiser.config.attention_head_dim) == (5, 10, 20, 20)  # heads per block, 64 channels each
+    assert parts.denoiser.config.sample_size == 64
+    assert [m.heads for m in parts.denoiser.modules() if type(m).__name__ == "Attention"][:2] == [5, 5]
 
 
 def test_training_state_drops_ema_then_the_optimizer_when_memory_is_short():

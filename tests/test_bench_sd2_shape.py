@@ -21,7 +21,7 @@ def test_tiny_shape_keeps_the_structure_at_an_eighth_of_the_widths():
         assert tiny[key] == full[key]
     with torch.device("meta"):
         parts = {shape.name: sd2_shape.build_parts(shape, 64) for shape in (sd2_shape.TINY, sd2_shape.SD2)}
-    unets = [sd2_shape.parameter_count(parts[shape.name].unet) for shape in (sd2_shape.TINY, sd2_shape.SD2)]
+    unets = [sd2_shape.parameter_count(parts[shape.name].denoiser) for shape in (sd2_shape.TINY, sd2_shape.SD2)]
     # Convolutions and projections scale with width squared (64x); cross-attention's 1024-wide keys and values
     # only with the width (8x), so the tiny UNet keeps a little more than 1/64 of the parameters.
     assert 50 < unets[1] / unets[0] < 64

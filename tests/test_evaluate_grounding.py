@@ -192,7 +192,7 @@ def test_evaluation_uses_ema_weights_in_eval_mode_and_restores_the_training_stat
     with torch.no_grad():
         module.unet.conv_in.weight.add_(1.0)  # training moved away from the EMA average
     training_weight = module.unet.conv_in.weight.detach().clone()
-    ema_unet = module.evaluation_parts().unet
+    ema_unet = module.evaluation_parts().denoiser
     assert ema_unet is not module.unet and not torch.equal(ema_unet.conv_in.weight, training_weight)
     calls = {"ema": 0, "training": 0}
     ema_unet.register_forward_pre_hook(lambda *_: calls.update(ema=calls["ema"] + 1))

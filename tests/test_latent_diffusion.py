@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from torch.utils.data import DataLoader
 
 from configs import load_config
-from lightning_modules.latent_diffusion import PART_NAMES, LatentDiffusionModule, drop_captions
+from lightning_modules.latent_diffusion import LatentDiffusionModule, drop_captions
 from tests.conftest import TINY_RESOLUTION
 
 CAPTIONS = ["Small left pleural effusion.", "Moderate cardiomegaly.", "Right lower lobe consolidation.", ""]
@@ -62,19 +62,19 @@ def fit_steps(
 @pytest.mark.parametrize("trainable", [["unet"], ["unet", "text_encoder"], ["unet", "text_encoder", "vae"]])
 def test_frozen_parts_stay_bit_identical_and_trainable_parts_change(tiny_overrides, tmp_path, trainable):
     module = tiny_module(tiny_overrides, f"model.trainable=[{','.join(trainable)}]", "train.use_ema=false")
-    before = {name: [p.detach().clone() for p in getattr(module, name).parameters()] for name in PART_NAMES}
+    before = {name: [p.detach().clone() for p in getattr(module, name).parameters()] for name in module.part_names}
     modes_seen: dict[str, bool] = {}
 
     class RecordModes(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            modes_seen.update({name: getattr(pl_module, name).training for name in PART_NAMES})
+            modes_seen.update({name: getattr(pl_module, name).training for name in module.part_names})
 
     trainer = fit_steps(module, tiny_batches(3), tmp_path, RecordModes())
 
     optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     unused = {id(module.get_parameter(name)) for name in module.unused_parameters}  # e.g. the VAE's decoder
     assert bool(unused) == ("vae" in trainable)  # the tiny CLIP encoder has no unused parameter
-    for name in PART_NAMES:
+    for name in module.part_names:
         params = list(getattr(module, name).parameters())
         changed = [not torch.equal(old, new.detach()) for old, new in zip(before[name], params, strict=True)]
         if name in trainable:
@@ -153,7 +153,7 @@ def test_loss_on_a_fixed_batch_falls_with_training(tiny_overrides, tmp_path, ext
 def test_ema_tracks_training_and_is_used_for_sampling(tiny_overrides, tmp_path):
     module = tiny_module(tiny_overrides, "train.ema_decay=0.5", "train.learning_rate.unet=1e-2")
     trainer = fit_steps(module, tiny_batches(4), tmp_path)
-    ema_unet = module.evaluation_parts().unet
+    ema_unet = module.evaluation_parts().denoiser
     assert ema_unet is module.ema.copies["unet"] and not ema_unet.training
     optimized = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
     assert {id(p) for p in optimized} == {id(p) for p in module.unet.parameters()}  # the training weights
@@ -179,7 +179,7 @@ def test_sampling_neither_swaps_nor_copies_weights(tiny_overrides, tmp_path, mon
             all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in module.named_parameters())
         )
 
-    module.evaluation_parts().unet.register_forward_pre_hook(check)
+    module.evaluation_parts().denoiser.register_forward_pre_hook(check)
     moved_bytes = []
     to_cpu = torch.Tensor.cpu
     monkeypatch.setattr(
@@ -225,7 +225,9 @@ class SaveCheckpointMidway(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.moment == "sampling" and trainer.global_step == 2:
-            hook = pl_module.evaluation_parts().unet.register_forward_pre_hook(lambda *_: self.save(trainer, pl_module))
+            hook = pl_module.evaluation_parts().denoiser.register_forward_pre_hook(
+                lambda *_: self.save(trainer, pl_module)
+            )
             pl_module.sample(CAPTIONS[:1], num_inference_steps=2)
             hook.remove()
 
@@ -259,7 +261,7 @@ def test_a_checkpoint_written_while_evaluating_holds_the_training_weights(tiny_o
 def test_pretrained_folder_loads_the_saved_weights(tiny_overrides, tiny_model_dir):
     module = tiny_module(tiny_overrides)
     reference = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
-    for name in PART_NAMES:
+    for name in module.part_names:
         ours, theirs = getattr(module, name).state_dict(), getattr(reference, name).state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[key], theirs[key]) for key in ours)

@@ -25,7 +25,7 @@ def test_a_checkpoint_loads_with_its_ema_weights_as_the_parts(tiny_overrides, tm
 
     module, _ = load_diffusion_module(run / "checkpoints" / "last.ckpt")
     assert module.ema is None and not module.training
-    assert module.evaluation_parts().unet is module.unet
+    assert module.evaluation_parts().denoiser is module.unet
     for name, parameter in module.unet.named_parameters():
         assert torch.equal(parameter, checkpoint["ema"]["weights"][f"unet.{name}"]), name
     assert any(not torch.equal(p, q) for p, q in zip(module.unet.parameters(), trained.unet.parameters(), strict=True))

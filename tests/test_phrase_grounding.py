@@ -46,11 +46,17 @@ def two_xrays(synthetic_root: Path) -> torch.Tensor:
     return torch.stack(pixels)
 
 
+def batch_timestep(timesteps: torch.Tensor) -> int:
+    """The one timestep every item of a grounding batch is noised to (the denoiser gets it per item)."""
+    assert timesteps.shape == (2,) and timesteps.unique().numel() == 1
+    return int(timesteps[0])
+
+
 def test_unet_sees_the_real_latent_forward_noised_with_fresh_seeded_noise_at_the_last_k_steps(module, two_xrays):
     calls = []
 
     def spy(_unet, args, kwargs):
-        calls.append((args[0].clone(), args[1].clone(), kwargs["encoder_hidden_states"].clone()))
+        calls.append((args[0].clone(), batch_timestep(args[1]), kwargs["encoder_hidden_states"].clone()))
 
     hook = module.unet.register_forward_pre_hook(spy, with_kwargs=True)
     try:
@@ -152,7 +158,9 @@ def test_forward_noising_is_float32_with_a_bf16_vae(tiny_model_dir: Path, two_xr
     module, _ = load_diffusion_module(tiny_model_dir, TINY_MODEL_OVERRIDES)
     module.vae.to(torch.bfloat16)
     seen = []
-    hook = module.unet.register_forward_pre_hook(lambda _unet, args: seen.append((args[0].clone(), int(args[1]))))
+    hook = module.unet.register_forward_pre_hook(
+        lambda _unet, args: seen.append((args[0].clone(), batch_timestep(args[1])))
+    )
     try:
         phrase_grounding_heatmaps(module, two_xrays, [PHRASE, PHRASE], [CATEGORY, CATEGORY], SETTINGS, IMAGE_IDS)
     finally:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from configs import load_config
-from lightning_modules.latent_diffusion import LatentDiffusionModule, text_feature_batch_size
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.text_conditioning import text_feature_batch_size
 from tests.test_latent_diffusion import tiny_module
 
 CAPTIONS = [

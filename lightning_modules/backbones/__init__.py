@@ -1,0 +1,153 @@
+"""Denoiser backbones: what differs between a UNet and a diffusion transformer, behind one small interface.
+
+The LightningModule, the grounding code and the callbacks see a :class:`Backbone` and the denoiser part it names;
+everything architecture-specific (building the denoiser, calling it, the objective it was trained with, its
+sampler and the diffusers pipeline it exports as) lives in one module per backbone. Adding a backbone touches its
+module, the registry below, a preset and its tests.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline, SchedulerMixin
+from diffusers.training_utils import compute_snr
+from omegaconf import DictConfig
+from torch import nn
+
+from configs import ConfigError
+
+
+class Backbone(ABC):
+    """One denoiser architecture: how it is built, called, trained, sampled and exported."""
+
+    name: ClassVar[str]  # the value of model.backbone
+    part: ClassVar[str]  # the denoiser's part name: its subfolder in a diffusers pipeline folder
+    model_class: ClassVar[type[nn.Module]]  # the denoiser's diffusers class, as model_index.json names it
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    # Whether the text encoder and the denoiser see the padding mask whatever the encoder folder says (True: the
+    # pipeline always passes it), or the folder's ``use_attention_mask`` decides (None: StableDiffusionPipeline).
+    always_masks_text: ClassVar[bool | None] = None
+    # Tokens a pipeline folder's prompts are padded and cut to when the pipeline fixes it (None: the tokenizer's).
+    pipeline_max_length: ClassVar[int | None] = None
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections
+
+    @abstractmethod
+    def build(
+        self, cfg: DictConfig, folder: Path | None, latent_size: int, latent_channels: int, text_width: int
+    ) -> nn.Module:
+        """Load the denoiser from ``folder``, or build it at random from its architecture config ``cfg``."""
+
+    @abstractmethod
+    def input_layer(self, denoiser: nn.Module) -> nn.Module:
+        """The layer that takes the noisy latents (its weight's dtype is the one they are cast to)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        denoiser: nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The denoiser's whole output for a batch, as its pipeline calls it."""
+
+    def per_sample_loss(
+        self,
+        output: torch.Tensor,
+        target: torch.Tensor,
+        noise_scheduler: SchedulerMixin,
+        batch: NoisedBatch,
+        snr_gamma: float | None,
+    ) -> torch.Tensor:
+        """float32 loss per sample: the regression MSE, Min-SNR-γ weighted when ``snr_gamma`` is set (Hang et al.
+        2023, as diffusers' train_text_to_image.py weights it: epsilon by min(SNR, γ)/SNR, v by min(SNR, γ)/(SNR+1))."""
+        per_sample = (output.float() - target).pow(2).mean(dim=tuple(range(1, target.ndim)))
+        if snr_gamma is None:
+            return per_sample
+        snr = compute_snr(noise_scheduler, batch.timesteps)
+        divisor = snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr
+        return per_sample * torch.clamp(snr, max=snr_gamma) / divisor
+
+    @abstractmethod
+    def sampling_scheduler(self, noise_scheduler: SchedulerMixin) -> SchedulerMixin:
+        """The sampler generation uses, over the training noise schedule."""
+
+    @abstractmethod
+    def pipeline(self, denoiser: nn.Module, parts: Any, scheduler: SchedulerMixin) -> DiffusionPipeline:
+        """The diffusers pipeline around the parts (no copies)."""
+
+    def generation_arguments(self, tokenizer: Any) -> dict[str, Any]:
+        """Extra arguments of the pipeline's ``__call__`` that make it condition as training does."""
+        return {}
+
+    def prepare_captions(self, captions: Sequence[str]) -> list[str]:
+        """Captions as the pipeline's ``encode_prompt`` rewrites them before tokenizing (identity by default)."""
+        return list(captions)
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    """What the objective drew for a batch (float32): clean latents, noise, timesteps and the noised latents."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+
+
+def backbones() -> dict[str, Backbone]:
+    """Every backbone by its ``model.backbone`` name (imported here, so each module imports this one)."""
+    from lightning_modules.backbones.pixart import PixArtBackbone
+    from lightning_modules.backbones.unet import UNetBackbone
+
+    return {backbone.name: backbone for backbone in (UNetBackbone(), PixArtBackbone())}
+
+
+def denoiser_parts() -> tuple[str, ...]:
+    """Every backbone's denoiser part name (``unet``, ``transformer``)."""
+    return tuple(dict.fromkeys(backbone.part for backbone in backbones().values()))
+
+
+def backbone_named(name: str | None, pipeline_folder: Path | None) -> Backbone:
+    """``model.backbone``, or (null) the one whose denoiser a pipeline folder holds; the UNet without a folder."""
+    known = backbones()
+    if name is not None:
+        if name not in known:
+            raise ConfigError(f"model.backbone must be null (detected) or one of {sorted(known)}, got '{name}'")
+        chosen = known[name]
+        if pipeline_folder is not None and detected_backbone(pipeline_folder, known) not in (None, chosen):
+            raise ConfigError(
+                f"model.backbone={name} but {pipeline_folder} holds a "
+                f"{detected_backbone(pipeline_folder, known).name} pipeline; set model.backbone=null to follow it"
+            )
+        return chosen
+    if pipeline_folder is not None:
+        detected = detected_backbone(pipeline_folder, known)
+        if detected is None:
+            raise ConfigError(
+                f"{pipeline_folder} holds no known denoiser (a <part>/config.json of "
+                f"{sorted(backbone.model_class.__name__ for backbone in known.values())}); set "
+                "model.backbone"
+            )
+        return detected
+    return known["unet"]
+
+
+def detected_backbone(folder: Path, known: dict[str, Backbone]) -> Backbone | None:
+    """The backbone whose denoiser the folder holds: ``<part>/config.json`` names its class
+    (``transformer/config.json``: ``PixArtTransformer2DModel`` → pixart); None when none matches."""
+    for backbone in known.values():
+        config_file = folder / backbone.part / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == (
+            backbone.model_class.__name__
+        ):
+            return backbone
+    return None
