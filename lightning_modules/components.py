@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from configs import ConfigError
@@ -133,6 +134,14 @@ def load_tokenizer(cfg: DictConfig, backbone: Backbone) -> PreTrainedTokenizerBa
     return tokenizer
 
 
+def _encoder_class(folder: Path) -> type[PreTrainedModel]:
+    """The class the folder's config names (``architectures``: a T5 folder's ``T5EncoderModel``, which AutoModel
+    would build as the whole encoder-decoder ``T5Model``), else AutoModel's choice."""
+    architectures = AutoConfig.from_pretrained(folder, local_files_only=True).architectures or []
+    named = getattr(transformers, architectures[0], None) if architectures else None
+    return named if isinstance(named, type) and issubclass(named, PreTrainedModel) else AutoModel
+
+
 def load_text_encoder(cfg: DictConfig, backbone: Backbone) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any transformers encoder with a fast tokenizer (see ``load_tokenizer``).
 
@@ -143,7 +152,7 @@ def load_text_encoder(cfg: DictConfig, backbone: Backbone) -> tuple[PreTrainedMo
     the mask (PixArt-Σ's) fixes it to true for any encoder folder.
     """
     folder = _text_encoder_folder(cfg)
-    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    encoder = _encoder_class(folder).from_pretrained(folder, local_files_only=True)
     stated = getattr(encoder.config, "use_attention_mask", None)
     if _is_pipeline_text_encoder(cfg):
         stated = bool(stated)

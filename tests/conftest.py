@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from bench.offline_tokenizer import build_byte_level_bpe  # noqa: F401 (tests build tokenizers with it)
+from bench.offline_tokenizer import build_byte_level_bpe, write_tiny_t5_encoder  # noqa: F401 (tests build tokenizers)
 from datamodules.synthetic import ensure_synthetic_dataset
 
 TINY_RESOLUTION = 32
@@ -206,4 +206,32 @@ def tiny_bench_overrides(tiny_model_dir: Path, synthetic_root: Path) -> list[str
         "model.vae.pretrained=null",
         f"data.root={synthetic_root}",
         "data.resolution=32",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A standalone T5 encoder folder (random weights, SentencePiece-Unigram tokenizer trained offline, 16 tokens):
+    PixArt-Σ's text-encoder family at test size."""
+    return write_tiny_t5_encoder(tmp_path_factory.mktemp("tiny-t5"), TINY_VOCAB_TEXT * 3, d_model=32, max_length=16)
+
+
+@pytest.fixture
+def tiny_pixart_overrides(tiny_overrides: list[str], tiny_model_dir: Path, tiny_t5_dir: Path) -> list[str]:
+    """The tiny run with a PixArt-Σ transformer (2 layers, learned variance) conditioned on the tiny T5 encoder,
+    with the tiny pipeline's VAE and PixArt-Σ's training schedule (linear betas 1e-4 .. 0.02)."""
+    replaced = ("model.pretrained=", "model.text_encoder.", "model.vae.pretrained=")
+    return [
+        *(override for override in tiny_overrides if not override.startswith(replaced)),
+        "model.backbone=pixart",
+        "model.trainable=[transformer]",
+        f"model.text_encoder.pretrained={tiny_t5_dir}",
+        "model.text_encoder.max_length=16",
+        f"model.vae.pretrained={tiny_model_dir / 'vae'}",
+        "model.pixart.num_layers=2",
+        "model.pixart.num_attention_heads=2",
+        "model.pixart.attention_head_dim=8",
+        "model.scheduler.beta_schedule=linear",
+        "model.scheduler.beta_start=0.0001",
+        "model.scheduler.beta_end=0.02",
     ]
