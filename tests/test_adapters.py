@@ -63,7 +63,7 @@ def unet_output(unet: torch.nn.Module, text_features: torch.Tensor) -> torch.Ten
         (["model.adapters.parts=[text_encoder]", "model.adapters.text_encoder.rank=0"], "text_encoder.rank"),
         (["model.trainable=[]", "model.adapters.parts=[unet]", "model.adapters.unet.dropout=1.0"], "unet.dropout"),
         (["model.adapters.parts=[text_encoder]", "model.adapters.text_encoder.target_modules=[]"], "target_modules"),
-        (["model.adapters.vae.rank=4"], r"'model.adapters.vae'.*one of \['parts', 'unet', 'transformer', 'text_encoder'\]"),
+        (["model.adapters.vae.rank=4"], r"'model.adapters.vae'.*\['parts', 'unet', 'transformer', 'text_encoder'\]"),
     ],
 )
 def test_bad_adapter_config_is_an_error_naming_the_key(overrides, message):
