@@ -37,9 +37,10 @@ class TextConditioning:
             return_tensors="pt",
         ).to(self.device)
 
-    def text_mask(self, captions: Sequence[str]) -> torch.Tensor:
-        """The captions' padding mask (1 = token, 0 = padding), which a PixArt transformer's cross-attention uses."""
-        return self._tokens(captions).attention_mask
+    def text_mask(self, captions: Sequence[str]) -> torch.Tensor | None:
+        """The captions' padding mask (1 = token, 0 = padding) for a denoiser whose cross-attention uses it
+        (PixArt's); None for one that sees no mask (the UNet, as Stable Diffusion), which then costs no tokenizing."""
+        return self._tokens(captions).attention_mask if self.backbone.always_masks_text else None
 
     def _run_text_encoder(self, captions: Sequence[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
         text_encoder = self.text_encoder if text_encoder is None else text_encoder

@@ -3,12 +3,15 @@
 The LightningModule, the grounding code and the callbacks see a :class:`Backbone` and the denoiser part it names;
 everything architecture-specific (building the denoiser, calling it, the objective it was trained with, its
 sampler and the diffusers pipeline it exports as) lives in one module per backbone. Adding a backbone touches its
-module, the registry below, a preset and its tests.
+module (found by ``backbones()``), its ``model.<name>`` section and part name in the config schema, a preset
+and its tests.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +58,7 @@ class Backbone(ABC):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         text_features: torch.Tensor,
-        text_mask: torch.Tensor,
+        text_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """The denoiser's whole output for a batch, as its pipeline calls it."""
 
@@ -104,11 +107,11 @@ class NoisedBatch:
 
 
 def backbones() -> dict[str, Backbone]:
-    """Every backbone by its ``model.backbone`` name (imported here, so each module imports this one)."""
-    from lightning_modules.backbones.pixart import PixArtBackbone
-    from lightning_modules.backbones.unet import UNetBackbone
-
-    return {backbone.name: backbone for backbone in (UNetBackbone(), PixArtBackbone())}
+    """Every backbone by its ``model.backbone`` name: each module of this package is imported and its ``Backbone``
+    subclasses found, so a new backbone registers by existing (its module imports this one, so not at the top)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return {backbone.name: backbone() for backbone in Backbone.__subclasses__()}
 
 
 def denoiser_parts() -> tuple[str, ...]:

@@ -78,7 +78,7 @@ class PixArtBackbone(Backbone):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         text_features: torch.Tensor,
-        text_mask: torch.Tensor,
+        text_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """PixArtSigmaPipeline's call: the text mask reaches every cross-attention."""
         return denoiser(

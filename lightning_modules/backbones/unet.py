@@ -60,7 +60,7 @@ class UNetBackbone(Backbone):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         text_features: torch.Tensor,
-        text_mask: torch.Tensor,
+        text_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Stable Diffusion's call: no text mask reaches the cross-attention (``text_mask`` is unused)."""
         return denoiser(noisy_latents, timesteps, encoder_hidden_states=text_features).sample
