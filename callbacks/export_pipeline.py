@@ -1,5 +1,7 @@
-"""At the end of training, write a diffusers StableDiffusionPipeline folder that any diffusers user can load, and,
-for a model with LoRA adapters, the adapters as diffusers LoRA weights beside their base pipeline."""
+"""At the end of training, write the backbone's diffusers pipeline folder (StableDiffusionPipeline,
+PixArtSigmaPipeline) that any diffusers user can load, and, for a model with LoRA adapters, the adapters beside their
+base pipeline in the form that pipeline loads (``generation.export_lora``: diffusers LoRA weights, or peft adapter
+folders for PixArt, which diffusers has no LoRA loader for)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import lightning as L
 class ExportPipelineCallback(L.Callback):
     def __init__(self, folder: str | Path, lora_folder: str | Path | None = None) -> None:
         """``folder``: the pipeline, adapters merged in; ``lora_folder`` (default ``<folder>_lora``): the base
-        pipeline and ``pytorch_lora_weights.safetensors``, written only when the model has adapters."""
+        pipeline and the adapter files, written only when the model has adapters."""
         self.folder = Path(folder)
         self.lora_folder = (
             Path(lora_folder) if lora_folder is not None else self.folder.with_name(f"{self.folder.name}_lora")

@@ -6,8 +6,10 @@ An adapted part keeps its base weights frozen (shared, never in checkpoints) and
 which stay inside the part as peft layers: every forward pass, the attention capture's included, runs them.
 
 Export is done on copies whose base tensors are shared with the part (no second model in memory): ``plain_copy``
-strips the adapters (the base model ``load_lora_weights`` loads onto) or merges them into the base weights (a plain
-diffusers/transformers model that needs no peft).
+strips the adapters (the base model the adapter files load onto) or merges them into the base weights (a plain
+diffusers/transformers model that needs no peft). The adapter files take the form the backbone's pipeline loads:
+diffusers' LoRA weights where the pipeline has a LoRA loader (``StableDiffusionPipeline.load_lora_weights``), else
+peft's adapter folders (``write_peft_adapters``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.constants import CONFIG_NAME as PEFT_CONFIG_NAME
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS_NAME
+from safetensors.torch import save_file
 from torch import nn
 
 from configs import ConfigError
@@ -34,6 +40,10 @@ TEXT_ENCODER_ATTENTION = {
 }
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)  # what peft's LoRA wraps (and a target must name)
 ADAPTER_NAME = "default"
+PEFT_MODEL_PREFIX = "base_model.model."  # where a PeftModel keeps the wrapped model: its saved keys start so
+# A part's peft adapter folder is <pipeline folder>/<part>_lora (transformer_lora), beside the part's own subfolder,
+# which diffusers and transformers then load as a plain model.
+PEFT_ADAPTER_SUFFIX = "_lora"
 
 
 @dataclass(frozen=True)
@@ -181,8 +191,10 @@ def text_encoder_lora_keys(weights: Mapping[str, torch.Tensor]) -> dict[str, tor
     return converted
 
 
-def write_lora_weights(folder: str | Path, parts: Mapping[str, nn.Module]) -> Path:
-    """``pytorch_lora_weights.safetensors`` in diffusers' format, for ``StableDiffusionPipeline.load_lora_weights``."""
+def write_lora_weights(
+    folder: str | Path, parts: Mapping[str, nn.Module], pipeline_class: type[DiffusionPipeline]
+) -> Path:
+    """``pytorch_lora_weights.safetensors`` in diffusers' format, for ``pipeline_class.load_lora_weights``."""
     layers, metadata = {}, {}
     for name, part in parts.items():
         weights = get_peft_model_state_dict(part)
@@ -190,5 +202,39 @@ def write_lora_weights(folder: str | Path, parts: Mapping[str, nn.Module]) -> Pa
             convert_state_dict_to_diffusers(weights) if name == "unet" else text_encoder_lora_keys(weights)
         )
         metadata[f"{name}_lora_adapter_metadata"] = lora_metadata(part)
-    StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata, safe_serialization=True)
+    pipeline_class.save_lora_weights(folder, **layers, **metadata, safe_serialization=True)
     return Path(folder)
+
+
+def write_peft_adapters(folder: str | Path, parts: Mapping[str, nn.Module]) -> Path:
+    """Each part's adapter as ``PeftModel.save_pretrained`` writes it, in ``<folder>/<part>_lora``:
+    ``adapter_model.safetensors`` (keys under ``base_model.model.``) and ``adapter_config.json`` (inference mode,
+    naming the part's class).
+
+    For pipelines diffusers has no LoRA loader for: in diffusers 0.42 neither ``PixArtSigmaPipeline`` (no
+    ``*LoraLoaderMixin``) nor ``PixArtTransformer2DModel`` (no ``PeftAdapterMixin``, so no ``load_lora_adapter``)
+    loads LoRA weights. PixArt-sigma's own LoRA recipe (``train_scripts/train_pixart_lora_hf.py``, loaded as its
+    ``asset/docs/pixart_lora.md`` shows) saves the transformer's adapter with peft and loads it with
+    ``PeftModel.from_pretrained(transformer, folder)``; a text encoder's loads the same way, or with transformers'
+    ``load_adapter``. Written from the part itself, not through a ``PeftModel`` wrapper, whose construction would
+    draw fresh adapter weights from the global generator.
+    """
+    for name, part in parts.items():
+        target = Path(folder) / f"{name}{PEFT_ADAPTER_SUFFIX}"
+        target.mkdir(parents=True, exist_ok=True)
+        weights = {
+            f"{PEFT_MODEL_PREFIX}{key}": value.contiguous() for key, value in get_peft_model_state_dict(part).items()
+        }
+        save_file(weights, target / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
+        config = copy.deepcopy(part.peft_config[ADAPTER_NAME])
+        config.inference_mode = True
+        base_class = {"base_model_class": type(part).__name__, "parent_library": type(part).__module__}
+        config.save_pretrained(target, auto_mapping_dict=base_class)
+    return Path(folder)
+
+
+def holds_adapters(folder: str | Path) -> bool:
+    """Whether a pipeline folder is an adapter export (diffusers LoRA weights or peft adapter folders beside it),
+    whose pipeline is the adapters' base rather than the trained model."""
+    folder = Path(folder)
+    return (folder / LORA_WEIGHT_NAME_SAFE).is_file() or any(folder.glob(f"*{PEFT_ADAPTER_SUFFIX}/{PEFT_CONFIG_NAME}"))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import DiffusionPipeline
 
-from lightning_modules.adapters import plain_copy, write_lora_weights
+from lightning_modules.adapters import plain_copy, write_lora_weights, write_peft_adapters
 
 if TYPE_CHECKING:
     from lightning_modules.latent_diffusion import LatentDiffusionModule
@@ -88,13 +88,24 @@ def export_pipeline(module: LatentDiffusionModule, folder: str | Path) -> Path:
 
 
 def export_lora(module: LatentDiffusionModule, folder: str | Path) -> Path:
-    """Write the adapters as diffusers LoRA weights (``pytorch_lora_weights.safetensors``) beside the base
-    pipeline they load onto: the evaluation weights with the adapters left out. ``from_pretrained(folder)`` then
-    ``load_lora_weights(folder)`` gives the adapted model. When only adapters train, the base is the model the run
-    started from, so the weights file alone loads onto that model."""
+    """Write the adapters beside the base pipeline they load onto: the evaluation weights with the adapters left
+    out. When only adapters train, the base is the model the run started from, so the adapter files alone load
+    onto that model.
+
+    The files take the form the backbone's pipeline loads: diffusers LoRA weights
+    (``pytorch_lora_weights.safetensors``; ``from_pretrained(folder)`` then ``load_lora_weights(folder)``) where the
+    pipeline has a LoRA loader (StableDiffusionPipeline); otherwise (PixArtSigmaPipeline, which diffusers gives
+    none) peft adapter folders, ``<folder>/<part>_lora``, loaded with ``PeftModel.from_pretrained(pipe.<part>,
+    folder / "<part>_lora")`` (``adapters.write_peft_adapters``). The run's merged pipeline (``export_pipeline``)
+    needs neither.
+    """
     if not module.adapted:
         raise ValueError("export_lora: this model has no adapters (model.adapters.parts is empty)")
     folder = Path(folder)
     plain_pipeline(module, merge=False).save_pretrained(folder, safe_serialization=True)
     parts = module.evaluation_parts()
-    return write_lora_weights(folder, {name: parts.part(name) for name in module.adapted})
+    adapted = {name: parts.part(name) for name in module.adapted}
+    pipeline_class = module.backbone.pipeline_class
+    if hasattr(pipeline_class, "load_lora_weights"):
+        return write_lora_weights(folder, adapted, pipeline_class)
+    return write_peft_adapters(folder, adapted)

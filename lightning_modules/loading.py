@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from omegaconf import DictConfig
 
 from configs import load_config
 from datamodules.cxr_datamodule import resolve_data_root
+from lightning_modules.adapters import holds_adapters
 from lightning_modules.autoencoder import vae_cache_folder
 from lightning_modules.backbones import backbone_named
 from lightning_modules.latent_diffusion import LatentDiffusionModule
@@ -36,7 +36,7 @@ def load_diffusion_module(
     if source.is_dir():
         if not (source / "model_index.json").is_file():
             raise FileNotFoundError(f"'{source}' is a folder without model_index.json (not a diffusers pipeline)")
-        if (source / LORA_WEIGHT_NAME_SAFE).is_file():  # export_lora's folder: its pipeline is the adapters' base
+        if holds_adapters(source):  # export_lora's folder: its pipeline is the adapters' base
             raise ValueError(
                 f"'{source}' holds LoRA weights beside their base pipeline; evaluate the merged pipeline (the "
                 "run's pipeline/ folder) or the run's checkpoint instead"
