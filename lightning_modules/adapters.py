@@ -37,6 +37,7 @@ from lightning_modules.backbones import Backbone
 TEXT_ENCODER_ATTENTION = {
     "clip_text_model": ("q_proj", "k_proj", "v_proj", "out_proj"),  # CLIP, SD 2's OpenCLIP (CLIPTextModel)
     "bert": ("query", "key", "value", "attention.output.dense"),  # BERT / MiniLM (the embedded default)
+    "t5": ("q", "k", "v", "o"),  # T5 (PixArt-Σ's T5EncoderModel): its attention's projections
 }
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)  # what peft's LoRA wraps (and a target must name)
 ADAPTER_NAME = "default"

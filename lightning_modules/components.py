@@ -164,7 +164,19 @@ def load_text_encoder(cfg: DictConfig, backbone: Backbone) -> tuple[PreTrainedMo
     source = folder / "config.json"
     use_mask = _text_setting(cfg, "use_attention_mask", stated, source, "use_attention_mask", expected, fixed)
     encoder.config.use_attention_mask = bool(use_mask)
-    return encoder, load_tokenizer(cfg, backbone)
+    tokenizer = load_tokenizer(cfg, backbone)
+    positions = getattr(encoder.config, "max_position_embeddings", None)  # none for T5's relative positions
+    if positions is not None and tokenizer.model_max_length > positions:
+        raise ConfigError(
+            f"prompts are padded to {tokenizer.model_max_length} tokens but the text encoder in {folder} has "
+            f"{positions} positions; set model.text_encoder.max_length to at most {positions}"
+            + (
+                " (a PixArt-Σ pipeline pads to 300: its text encoder needs 300 positions)"
+                if backbone.pipeline_max_length
+                else ""
+            )
+        )
+    return encoder, tokenizer
 
 
 def pretrained_vae_folder(cfg: DictConfig) -> Path | None:

@@ -62,3 +62,19 @@ def test_tiny_pixart_builds_from_config_and_trains_its_transformer(tiny_pixart_o
     loss = module.diffusion_loss(latents, ["Small left pleural effusion.", ""], torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in module.trainable_parameters())
+
+
+def test_a_t5_encoder_is_adapted_on_its_attention_projections_by_default(tiny_pixart_overrides):
+    module = LatentDiffusionModule.from_config(
+        load_config([], [*tiny_pixart_overrides, "model.adapters.parts=[text_encoder]"])
+    )
+    adapted = {
+        name.rsplit(".", 1)[-1] for name, layer in module.text_encoder.named_modules() if hasattr(layer, "lora_A")
+    }
+    assert adapted == {"q", "k", "v", "o"}
+
+
+def test_prompts_longer_than_the_encoders_positions_are_refused(tiny_overrides, tiny_bert_dir: Path):
+    overrides = [*tiny_overrides, f"model.text_encoder.pretrained={tiny_bert_dir}", "model.text_encoder.max_length=17"]
+    with pytest.raises(ConfigError, match=r"padded to 17 tokens but the text encoder .* has 16 positions"):
+        LatentDiffusionModule.from_config(load_config([], overrides))
