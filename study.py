@@ -2,6 +2,8 @@
 
     python study.py                                   # frozen, LoRA and learnable text encoder, 3 seeds (CPU)
     python study.py --seeds 5 trainer.max_steps=1200  # seeds 42..46 (from the config's seed), longer runs
+    python study.py --config experiment/pixart_tiny \\
+        --presets experiment/pixart_frozen_text_encoder experiment/pixart_learnable_text_encoder  # PixArt backbone
     python study.py --presets experiment/frozen_text_encoder experiment/learnable_text_encoder \\
         --seed-list 0 1 2 --out studies/sd2-mimic --num-images 5000 \\
         --config experiment/stable_diffusion_2_base --config data/mimic_cxr --config trainer/ddp \\
