@@ -1,10 +1,14 @@
 """Cross-attention capture for phrase grounding.
 
-The UNet's default processor (``AttnProcessor2_0``) never materialises attention probabilities, so
+The denoiser's default processor (``AttnProcessor2_0``, SDPA) never materialises attention probabilities, so
 :class:`CrossAttentionRecorder` recomputes cross-attention with the plain softmax math and hands the
 probabilities to an :class:`AttentionAccumulator`. The accumulator averages heads, optionally drops the
-unconditional half of a guided batch, resizes each layer's map to one common resolution and keeps a
-running sum, so memory does not grow with steps × layers.
+unconditional half of a guided batch, brings each layer's map to the latent grid and then to one common resolution
+and keeps a running sum, so memory does not grow with steps × layers.
+
+Both backbones' ``attn2`` layers are recorded: a UNet's (queries: one feature-map level, the latent grid downsampled
+by 2^k) and a diffusion transformer's such as PixArt-Σ (queries: the patch tokens, the latent grid downsampled by
+its ``config.patch_size``); see :meth:`AttentionAccumulator.to_latent_grid` for how each reaches the latent grid.
 
 Usage (one DDIM loop; the caller names the step so the step filter can act)::
 
@@ -35,9 +39,12 @@ class AttentionAccumulator:
     Args:
         resolution: common map size, ``R`` or ``(R_h, R_w)``; ``None`` → the latent size of the first call.
         layer_resolutions: record only layers whose native map height is in this set (for square latents the
-            side length, e.g. ``{64, 32, 16, 8}`` for SD v2 at 512²); ``None`` → every layer.
+            side length, e.g. ``{64, 32, 16, 8}`` for SD v2 at 512²; a transformer's one patch-grid side, e.g. 32
+            for PixArt-Σ at 512²); ``None`` → every layer.
         steps: record only while the step given to :meth:`set_step` is in this set; ``None`` → every call.
         drop_unconditional: the batch is a guided ``[unconditional; conditional]`` pair; keep the second half.
+        patch_size: the queries are a transformer's patch tokens, each embedding ``patch_size`` × ``patch_size``
+            latent cells (``PixArtTransformer2DModel.config.patch_size``); ``None`` → a UNet's feature maps.
     """
 
     def __init__(
@@ -46,11 +53,13 @@ class AttentionAccumulator:
         layer_resolutions: Collection[int] | None = None,
         steps: Collection[int] | None = None,
         drop_unconditional: bool = False,
+        patch_size: int | None = None,
     ) -> None:
         self.resolution = (resolution, resolution) if isinstance(resolution, int) else resolution
         self.layer_resolutions = None if layer_resolutions is None else frozenset(layer_resolutions)
         self.steps = None if steps is None else frozenset(steps)
         self.drop_unconditional = drop_unconditional
+        self.patch_size = patch_size
         self.latent_size: tuple[int, int] | None = None
         self.current_step: int | None = None
         self.recorded_layers: dict[str, tuple[int, int]] = {}
@@ -58,18 +67,27 @@ class AttentionAccumulator:
         self._sum: torch.Tensor | None = None
 
     def set_step(self, step: int) -> None:
-        """Tell the accumulator which denoising step the next UNet call belongs to."""
+        """Tell the accumulator which denoising step the next denoiser call belongs to."""
         self.current_step = step
 
     def set_latent_size(self, height: int, width: int) -> None:
-        """Latent size of the UNet input; needed to unflatten each layer's query axis."""
+        """Latent size of the denoiser's input; needed to unflatten each layer's query axis."""
         self.latent_size = (height, width)
 
     def layer_map_size(self, num_queries: int) -> tuple[int, int]:
-        """Native (h, w) of a layer with ``num_queries`` positions: the latent size after k stride-2 convs."""
+        """Native (h, w) of a layer with ``num_queries`` positions: the latent size after k stride-2 convs (UNet),
+        or the patch grid, the latent size divided by the patch size (transformer)."""
         if self.latent_size is None:
             raise RuntimeError("AttentionAccumulator: latent size unknown; call set_latent_size(h, w) first")
         height, width = self.latent_size
+        if self.patch_size is not None:
+            patch_grid = (height // self.patch_size, width // self.patch_size)
+            if patch_grid[0] * patch_grid[1] != num_queries:
+                raise ValueError(
+                    f"AttentionAccumulator: {num_queries} query positions are not the {patch_grid} patch grid of "
+                    f"the latent size {self.latent_size} at patch size {self.patch_size}"
+                )
+            return patch_grid
         for level in range(max(height, width).bit_length() + 1):
             map_size = (math.ceil(height / 2**level), math.ceil(width / 2**level))
             if map_size[0] * map_size[1] == num_queries:
@@ -83,7 +101,7 @@ class AttentionAccumulator:
         """Whether a layer with this native map size is recorded at the current step."""
         if self.steps is not None:
             if self.current_step is None:
-                raise RuntimeError("AttentionAccumulator: steps filter set; call set_step(i) before the UNet")
+                raise RuntimeError("AttentionAccumulator: steps filter set; call set_step(i) before the denoiser")
             if self.current_step not in self.steps:
                 return False
         return self.layer_resolutions is None or map_size[0] in self.layer_resolutions
@@ -98,9 +116,9 @@ class AttentionAccumulator:
                 )
             maps = maps[maps.shape[0] // 2 :]
         batch, _, tokens = maps.shape
-        maps = maps.transpose(1, 2).reshape(batch, tokens, *map_size)
+        maps = self.to_latent_grid(maps.transpose(1, 2).reshape(batch, tokens, *map_size))
         target = self.resolution or self.latent_size
-        if map_size != target:
+        if maps.shape[-2:] != target:
             maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
         if self._sum is None:
             self._sum = torch.zeros_like(maps)
@@ -112,6 +130,17 @@ class AttentionAccumulator:
         self._sum += maps
         self.num_recorded += 1
         self.recorded_layers[layer_name] = map_size
+
+    def to_latent_grid(self, maps: torch.Tensor) -> torch.Tensor:
+        """A transformer layer's (batch, tokens, h, w) patch-grid maps on the latent grid: each patch token's
+        probability on every one of the p × p latent cells it covers (nearest, exact), because the patch embedding
+        (a stride-p convolution) reads exactly those cells and unpatchify writes the token's output back to them.
+        Bilinear upsampling, which a UNet level's maps get (their cells' receptive fields overlap), would spread a
+        patch's attention onto its neighbours' cells. A UNet level's maps are returned unchanged (they go straight
+        to the common resolution, bilinear); a transformer's latent-grid maps go on to it the same way."""
+        if self.patch_size is None:
+            return maps
+        return maps.repeat_interleave(self.patch_size, dim=-2).repeat_interleave(self.patch_size, dim=-1)
 
     def mean_maps(self) -> torch.Tensor:
         """Mean attention map per token over all recorded calls: (batch, tokens, R_h, R_w)."""
@@ -203,24 +232,28 @@ class CrossAttentionRecorder:
 
 @contextmanager
 def capture_cross_attention(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     resolution: int | tuple[int, int] | None = None,
     layer_resolutions: Collection[int] | None = None,
     steps: Collection[int] | None = None,
     drop_unconditional: bool = False,
 ) -> Iterator[AttentionAccumulator]:
-    """Record every cross-attention layer of a diffusers UNet (keys ending in ``attn2.processor``).
+    """Record every cross-attention layer of a diffusers denoiser (keys ending in ``attn2.processor``): a
+    ``UNet2DConditionModel``, or a patch transformer such as ``PixArtTransformer2DModel``, recognised by the
+    ``patch_size`` in its config (its queries are patch tokens, see :meth:`AttentionAccumulator.to_latent_grid`).
 
     Other layers keep their processor; all processors are restored on exit, also after an exception.
-    The latent size is read from the UNet's input by a forward pre-hook, removed on exit.
+    The latent size is read from the denoiser's input by a forward pre-hook, removed on exit.
     See :class:`AttentionAccumulator` for the arguments.
     """
-    accumulator = AttentionAccumulator(resolution, layer_resolutions, steps, drop_unconditional)
-    original_processors = unet.attn_processors
+    config = getattr(denoiser, "config", None)
+    patch_size = getattr(config, "patch_size", None)
+    accumulator = AttentionAccumulator(resolution, layer_resolutions, steps, drop_unconditional, patch_size)
+    original_processors = denoiser.attn_processors
     cross_attention_keys = [key for key in original_processors if key.endswith(CROSS_ATTENTION_SUFFIX)]
     if not cross_attention_keys:
         raise ValueError(
-            f"capture_cross_attention: {type(unet).__name__} has no attention processor key ending in "
+            f"capture_cross_attention: {type(denoiser).__name__} has no attention processor key ending in "
             f"'{CROSS_ATTENTION_SUFFIX}'"
         )
     recording_processors = dict(original_processors)
@@ -232,10 +265,10 @@ def capture_cross_attention(
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet's / transformer's
         accumulator.set_latent_size(*sample.shape[-2:])
 
-    hook = unet.register_forward_pre_hook(read_latent_size, with_kwargs=True)
-    unet.set_attn_processor(recording_processors)
+    hook = denoiser.register_forward_pre_hook(read_latent_size, with_kwargs=True)
+    denoiser.set_attn_processor(recording_processors)
     try:
         yield accumulator
     finally:
         hook.remove()
-        unet.set_attn_processor(dict(original_processors))
+        denoiser.set_attn_processor(dict(original_processors))

@@ -3,9 +3,10 @@
 Two modes (docs/method.md, "Attention capture for grounding"):
 
 - ``phrase_grounding_heatmaps`` (the paper's evaluation): the real image is encoded to latents (posterior
-  mean); at each of the last K of N DDIM timesteps the UNet sees that latent forward-noised to the timestep
-  with fresh seeded noise, conditioned on the phrase, without guidance. The model's prediction is never fed
-  back, so attention is read on the real image. Only those K UNet calls run.
+  mean); at each of the last K of N DDIM timesteps the denoiser sees that latent forward-noised to the timestep
+  with fresh seeded noise, conditioned on the phrase (a PixArt transformer also on its padding mask, as its
+  pipeline calls it), without guidance. The model's prediction is never fed back, so attention is read on the real
+  image. Only those K denoiser calls run. The timesteps are the paper's for every backbone (``grounding_scheduler``).
 - ``generation_heatmaps``: attention while the model generates from a prompt with classifier-free guidance
   (``module.sample``, unchanged), conditional half kept, at the last K of the N sampling steps.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers import DDIMScheduler, SchedulerMixin
 
 from grounding.attention_capture import AttentionAccumulator, capture_cross_attention
 from grounding.token_selection import select_phrase_tokens
@@ -76,6 +78,16 @@ def phrase_token_indices(
     ]
 
 
+def grounding_scheduler(noise_scheduler: SchedulerMixin) -> DDIMScheduler:
+    """The N-step DDIM schedule grounding noises the real latent along: SD's DDIM settings (``sampling_scheduler``)
+    with "leading" timestep spacing pinned, the paper's (t ≈ 781 … 1 for N = 50, K = 40), for every backbone.
+
+    Pinned because the spacing otherwise follows the folder's scheduler config: an exported PixArt-Σ pipeline holds
+    DPM-Solver++'s "linspace" (t = 999 … 0), a run's checkpoint the training schedule's default, so one model would
+    be read at other timesteps depending on how it was loaded."""
+    return DDIMScheduler.from_config(sampling_scheduler(noise_scheduler).config, timestep_spacing="leading")
+
+
 def item_noise_seed(seed: int, image_id: str, phrase: str) -> int:
     """A 63-bit seed from (seed, image id, phrase): stable across runs, machines and Python versions (sha256, not
     ``hash``), so each pair gets its own noise and one draw cannot bias every heatmap the same way."""
@@ -124,7 +136,7 @@ def phrase_grounding_heatmaps(
     latents = vae.encode(pixel_values).latent_dist.mean.float() * vae.config.scaling_factor
     dtype = backbone.input_layer(denoiser).weight.dtype
     text_features, text_mask = module.evaluation_text_features(phrases).to(dtype), module.text_mask(phrases)
-    scheduler = sampling_scheduler(module.noise_scheduler)
+    scheduler = grounding_scheduler(module.noise_scheduler)
     scheduler.set_timesteps(settings.num_inference_steps)
     steps = settings.recorded_steps
     seeds = [
