@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.training_utils import compute_snr
 from omegaconf import DictConfig
@@ -72,7 +73,7 @@ class Backbone(ABC):
     ) -> torch.Tensor:
         """float32 loss per sample: the regression MSE, Min-SNR-γ weighted when ``snr_gamma`` is set (Hang et al.
         2023, as diffusers' train_text_to_image.py weights it: epsilon by min(SNR, γ)/SNR, v by min(SNR, γ)/(SNR+1))."""
-        per_sample = (output.float() - target).pow(2).mean(dim=tuple(range(1, target.ndim)))
+        per_sample = F.mse_loss(output.float(), target, reduction="none").mean(dim=tuple(range(1, target.ndim)))
         if snr_gamma is None:
             return per_sample
         snr = compute_snr(noise_scheduler, batch.timesteps)
