@@ -262,7 +262,7 @@ def test_evaluation_rebuilds_the_random_base_an_adapter_was_trained_on(tiny_over
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
     loaded, _ = load_diffusion_module(run / "checkpoints" / "last.ckpt")
     for name in ("unet", "vae"):  # the UNet: its random base and its adapters (EMA)
-        expected = getattr(module.evaluation_parts(), name).state_dict()
+        expected = module.evaluation_parts().part(name).state_dict()
         assert all(torch.equal(expected[key], value) for key, value in getattr(loaded, name).state_dict().items())
 
 

@@ -36,7 +36,7 @@ def test_tiny_parts_load_as_the_sd2_preset_module_with_their_weights(tmp_path):
     assert cfg.data.resolution == 64 and cfg.train.text_feature_cache_size == 0
     assert list(cfg.model.trainable) == sd2_shape.trained_parts("learnable") == ["unet", "text_encoder"]
     for name in ("unet", "vae", "text_encoder"):
-        written, loaded = getattr(parts, name).state_dict(), getattr(module, name).state_dict()
+        written, loaded = parts.part(name).state_dict(), getattr(module, name).state_dict()
         assert written.keys() == loaded.keys()
         assert all(torch.equal(written[key], loaded[key]) for key in written)
     assert len(set(sd2_shape.captions(7))) == 7
