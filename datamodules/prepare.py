@@ -54,6 +54,7 @@ from datamodules.transforms import UnreadableImageError, load_grayscale_image, r
 from lightning_modules.autoencoder import vae_cache_folder
 from lightning_modules.components import (
     load_tokenizer,
+    model_backbone,
     pretrained_vae_folder,
     vae_downsampling_factor,
     vae_fingerprint,
@@ -178,7 +179,7 @@ def prepare(
 ) -> dict[str, dict[str, Any]]:
     """Write every split of ``cfg.data.splits`` under ``out``; returns each split's index metadata."""
     root = resolve_data_root(cfg.data)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, model_backbone(cfg.model))
     vae_folder = latents_vae_folder(cfg, root) if with_latents else None
     latents = None
     if vae_folder is not None:

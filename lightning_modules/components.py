@@ -263,10 +263,15 @@ def denoiser_config(cfg: DictConfig, backbone: Backbone) -> DictConfig:
     return cfg[backbone.name]
 
 
+def model_backbone(cfg: DictConfig) -> Backbone:
+    """``model.backbone``, or the one ``model.pretrained``'s folder holds (``backbones.backbone_named``)."""
+    pipeline_folder = resolve_model_folder(cfg.pretrained, "model.pretrained") if cfg.pretrained else None
+    return backbone_named(cfg.backbone, pipeline_folder)
+
+
 def build_diffusion_parts(cfg: DictConfig, resolution: int, vae_folder: Path | None = None) -> DiffusionParts:
     """All parts from ``model`` config; ``vae_folder`` (e.g. the autoencoder stage's output) wins over config."""
-    pipeline_folder = resolve_model_folder(cfg.pretrained, "model.pretrained") if cfg.pretrained else None
-    backbone = backbone_named(cfg.backbone, pipeline_folder)
+    backbone = model_backbone(cfg)
     text_encoder, tokenizer = load_text_encoder(cfg, backbone)
     if vae_folder is None:
         if cfg.vae.pretrained == "auto":

@@ -22,7 +22,7 @@ from datamodules.mscxr import load_grounding_sample, read_ms_cxr
 from datamodules.prepare import prepare
 from datamodules.shards import ShardDataset
 from datamodules.synthetic import MS_CXR_FILE
-from lightning_modules.components import load_tokenizer
+from lightning_modules.components import load_tokenizer, model_backbone
 
 SAMPLES_PER_SHARD = 8
 
@@ -59,8 +59,9 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 
 def test_shards_hold_exactly_the_folder_readers_samples(tiny_cfg, shards):
+    tokenizer = load_tokenizer(tiny_cfg.model, model_backbone(tiny_cfg.model))
     for split in ("train", "validate"):
-        index = build_mimic_index(tiny_cfg.data.root, split=split, tokenizer=load_tokenizer(tiny_cfg.model))
+        index = build_mimic_index(tiny_cfg.data.root, split=split, tokenizer=tokenizer)
         folder = MimicCxrDataset(index, tiny_cfg.data.resolution)
         prepared = ShardDataset(shards, split, Path(tiny_cfg.data.cache_dir) / "shards")
         assert len(prepared) == len(folder) > 0
