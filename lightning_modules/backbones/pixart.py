@@ -42,19 +42,14 @@ class PixArtBackbone(Backbone):
     pipeline_class = PixArtSigmaPipeline
     always_masks_text = True
     pipeline_max_length = SIGMA_MAX_SEQUENCE_LENGTH
+    text_width_key = "caption_channels"  # the caption projection's input
 
     def build(
         self, cfg: DictConfig, folder: Path | None, latent_size: int, latent_channels: int, text_width: int
     ) -> PixArtTransformer2DModel:
         """Load the transformer, or build one from ``model.pixart`` (PixArt-Σ's block, tiny widths allowed)."""
         if folder is not None:
-            transformer = PixArtTransformer2DModel.from_pretrained(folder, local_files_only=True)
-            if transformer.config.caption_channels != text_width:
-                raise ValueError(
-                    f"transformer from '{folder}' expects text features of width "
-                    f"{transformer.config.caption_channels}, but the text encoder gives {text_width}"
-                )
-            return transformer
+            return self.load(folder, text_width)
         heads, head_width = int(cfg.num_attention_heads), int(cfg.attention_head_dim)
         return PixArtTransformer2DModel(
             num_attention_heads=heads,

@@ -24,19 +24,14 @@ class UNetBackbone(Backbone):
     part = "unet"
     model_class = UNet2DConditionModel
     pipeline_class = StableDiffusionPipeline
+    text_width_key = "cross_attention_dim"
 
     def build(
         self, cfg: DictConfig, folder: Path | None, latent_size: int, latent_channels: int, text_width: int
     ) -> UNet2DConditionModel:
         """Load a UNet, or build one (``model.unet``) whose cross-attention width is the text encoder's."""
         if folder is not None:
-            unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
-            if unet.config.cross_attention_dim != text_width:
-                raise ValueError(
-                    f"UNet from '{folder}' expects text features of width {unet.config.cross_attention_dim}, "
-                    f"but the text encoder gives {text_width}"
-                )
-            return unet
+            return self.load(folder, text_width)
         channels = list(cfg.block_out_channels)
         return UNet2DConditionModel(
             sample_size=latent_size,
