@@ -153,6 +153,39 @@ def training_state_differences(straight: dict, resumed: dict) -> list[str]:
     return differences
 
 
+def interrupted_resume_differences(
+    overrides: list[str],
+    interruptions: list[tuple[str, int, int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    compare=training_state_differences,
+) -> dict[str, list[str]]:
+    """Train straight, then once per (moment, step, stop) interrupted there and resumed from its last.ckpt: per
+    interruption, the first differences ``compare(straight, resumed)`` finds between the final states (none when
+    the resume is exact). Checks that each interrupted run stopped at ``stop``, between validation batches for the
+    "validation" moment."""
+    straight = final_state(train.main([*overrides, f"run_dir={tmp_path / 'straight'}"])["run_dir"])
+    differences = {}
+    for moment, step, stop in interruptions:
+        run_dir = [f"run_dir={tmp_path / moment.replace(' ', '-')}-{step}"]
+        with monkeypatch.context() as patch:
+            interrupt_at(patch, moment, step)
+            expected = (
+                (Crash, "crashed") if moment.startswith("crash") else (SystemExit, rf"\[interrupted\] at step {stop};")
+            )
+            with pytest.raises(expected[0], match=expected[1]):
+                train.main([*overrides, *run_dir])
+        (stopped,) = Path(run_dir[0].removeprefix("run_dir=")).glob("*/checkpoints/last.ckpt")
+        stopped_state = torch.load(stopped, weights_only=True)
+        assert stopped_state["global_step"] == stop
+        if moment == "validation":  # really between validation batches: one of the two done
+            val_progress = stopped_state["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+            assert val_progress["current"]["completed"] == 1 and not val_progress["is_last_batch"]
+        resumed = train.main([*overrides, *run_dir, "resume=last"])["run_dir"]
+        differences[f"{moment} at step {step}"] = compare(straight, final_state(resumed))[:3]
+    return differences
+
+
 INTERRUPTIONS = [  # (moment, global step when SIGTERM arrives, step the run stops at)
     ("training step", 4, 5),  # a plain step
     ("validation", 2, 2),  # between validation batches, while the EMA weights are evaluated
@@ -187,24 +220,5 @@ def test_sigterm_at_any_moment_resumes_to_the_straight_run_bit_for_bit(tiny_trai
         "train.learning_rate.unet=1e-3",
         "data.batch_size=2",  # the 3 validation images make 2 batches: a SIGTERM can fall between them
     ]
-    straight = final_state(train.main([*overrides, f"run_dir={tmp_path / 'straight'}"])["run_dir"])
-    differences = {}
-    for moment, step, stop in INTERRUPTIONS:
-        run_dir = [f"run_dir={tmp_path / moment.replace(' ', '-')}-{step}"]
-        with monkeypatch.context() as patch:
-            interrupt_at(patch, moment, step)
-            expected = (
-                (Crash, "crashed") if moment.startswith("crash") else (SystemExit, rf"\[interrupted\] at step {stop};")
-            )
-            with pytest.raises(expected[0], match=expected[1]):
-                train.main([*overrides, *run_dir])
-        (stopped,) = Path(run_dir[0].removeprefix("run_dir=")).glob("*/checkpoints/last.ckpt")
-        assert torch.load(stopped, weights_only=True)["global_step"] == stop
-        if moment == "validation":  # really between validation batches: one of the two done
-            val_progress = torch.load(stopped, weights_only=True)["loops"]["fit_loop"][
-                "epoch_loop.val_loop.batch_progress"
-            ]
-            assert val_progress["current"]["completed"] == 1 and not val_progress["is_last_batch"]
-        resumed = train.main([*overrides, *run_dir, "resume=last"])["run_dir"]
-        differences[f"{moment} at step {step}"] = training_state_differences(straight, final_state(resumed))[:3]
+    differences = interrupted_resume_differences(overrides, INTERRUPTIONS, tmp_path, monkeypatch)
     assert differences == {moment: [] for moment in differences}

@@ -9,8 +9,6 @@ and learned-variance loss, two gloo processes, and exact resume after an interru
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
@@ -20,14 +18,13 @@ from diffusers.models.attention_processor import Attention
 from diffusers.training_utils import EMAModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-import train
 from lightning_modules.adapters import is_adapter_key
 from lightning_modules.backbones.learned_variance import learned_variance_loss
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 from tests.test_adapters import one_step_gradients, reentrant_checkpointing  # noqa: F401 (a fixture, by name)
 from tests.test_ddp import REPO, ddp_training_overrides
 from tests.test_ddp_randomness import run_recorded
-from tests.test_interruption import Crash, final_state, interrupt_at, training_state_differences
+from tests.test_interruption import interrupted_resume_differences, training_state_differences
 from tests.test_latent_diffusion import CAPTIONS, fit_steps, tiny_batches, tiny_module
 from tests.test_precision import SMALL_TIMESTEPS, assert_fp32_exact, fp32_reference
 
@@ -405,6 +402,10 @@ def optimizer_differences(straight: dict, resumed: dict) -> list[str]:
     return differences + ([] if straight["lr_schedulers"] == resumed["lr_schedulers"] else ["lr_schedulers"])
 
 
+def weights_and_optimizer_differences(straight: dict, resumed: dict) -> list[str]:
+    return training_state_differences(straight, resumed) + optimizer_differences(straight, resumed)
+
+
 INTERRUPTIONS = [  # (moment, global step when it happens, step the run stops at), as in test_interruption
     ("validation", 2, 2),  # SIGTERM between validation batches, while the EMA weights are evaluated
     ("crash in a training step", 3, 3),  # after the step's draws; last.ckpt: the step before, with its random state
@@ -429,26 +430,13 @@ def test_an_interrupted_run_resumes_to_the_straight_run_bit_for_bit(pixart_train
         "train.learning_rate.transformer=1e-3",
         "data.batch_size=2",  # the 3 validation images make 2 batches: a SIGTERM can fall between them
     ]
-    straight = final_state(train.main([*overrides, f"run_dir={tmp_path / 'straight'}"])["run_dir"])
-    assert {key.split(".")[0] for key in straight["state_dict"]} == {"transformer", "text_encoder"}
-    differences = {}
-    for moment, step, stop in INTERRUPTIONS:
-        run_dir = [f"run_dir={tmp_path / moment.replace(' ', '-')}"]
-        with monkeypatch.context() as patch:
-            interrupt_at(patch, moment, step)
-            expected = (
-                (Crash, "crashed") if moment.startswith("crash") else (SystemExit, rf"\[interrupted\] at step {stop};")
-            )
-            with pytest.raises(expected[0], match=expected[1]):
-                train.main([*overrides, *run_dir])
-        (stopped,) = Path(run_dir[0].removeprefix("run_dir=")).glob("*/checkpoints/last.ckpt")
-        stopped_state = torch.load(stopped, weights_only=True)
-        assert stopped_state["global_step"] == stop
-        if moment == "validation":  # really between validation batches: one of the two done
-            progress = stopped_state["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
-            assert progress["current"]["completed"] == 1 and not progress["is_last_batch"]
-        resumed = final_state(train.main([*overrides, *run_dir, "resume=last"])["run_dir"])
-        differences[moment] = (
+    differences = interrupted_resume_differences(
+        overrides,
+        INTERRUPTIONS,
+        tmp_path,
+        monkeypatch,
+        lambda straight, resumed: (
             training_state_differences(straight, resumed) + optimizer_differences(straight, resumed)
-        )[:3]
-    assert differences == {moment: [] for moment, _, _ in INTERRUPTIONS}
+        ),
+    )
+    assert differences == {f"{moment} at step {step}": [] for moment, step, _ in INTERRUPTIONS}
