@@ -1,20 +1,27 @@
-"""Ready for a GPU: SD-2 base at 512 px in bf16 on cached latents, at the largest batch that fits; images/s per GPU.
+"""Ready for a GPU: SD-2 base or PixArt-Σ 512 at 512 px in bf16 on cached latents, at the largest batch that fits;
+images/s per GPU.
 
     python bench/gpu_rehearsal.py                          # on a GPU machine: SD-2 base shape, 512 px, < 8 min
     python bench/gpu_rehearsal.py --gradient-checkpointing --variant learnable
+    python bench/gpu_rehearsal.py --backbone pixart --gradient-checkpointing   # PixArt-Σ 512 + T5-XXL, < 9 min
     python bench/gpu_rehearsal.py --quick --device cpu     # anywhere: tiny widths, 64 px, about a minute
+    python bench/gpu_rehearsal.py --backbone pixart --quick --device cpu
 
-The model is SD-2 base's architecture with random weights (``bench/sd2_shape.py``; nothing is downloaded), loaded
-by the project as ``train.py`` does and trained by a ``lightning.Trainer`` in ``bf16-mixed`` (the project's
-training_step, AdamW, EMA, gradient clipping). Training data are cached latents: random posteriors of SD-2's
-latent shape (``latent_moments``, 8 x 64 x 64 at 512 px), held in host memory one sample per item and collated
+The model is SD-2 base's or PixArt-Σ 512's architecture with random weights (``bench/sd2_shape.py``,
+``bench/pixart_shape.py``: each part's published parameter count; nothing is downloaded), loaded by the project as
+``train.py`` does and trained by a ``lightning.Trainer`` in ``bf16-mixed`` (the project's training_step, AdamW,
+EMA, gradient clipping). Training data are cached latents: random posteriors of the VAE's latent shape
+(``latent_moments``, 8 x 64 x 64 at 512 px for both), held in host memory one sample per item and collated
 every step by the project's ``collate_skipping_bad``, as the shard loader's samples are (reading the shards is
 ``bench/data_throughput.py``'s measurement), so the VAE encoder never runs. The batch doubles from 1 until it runs
 out of memory, reaches --max-batch-size, or the next batch (forecast at twice the last one's wall time) would end
 past --search-budget-s; each batch size trains --warmup-steps untimed steps, then --steps timed ones. Then:
 grounding seconds per pair (``phrase_grounding_heatmaps`` with N = 50 / K = 40 and the localization metrics) and
-FID images/s (``module.sample`` with 75 DDIM steps and guidance 4, then features in ``FidelityMetrics``), each
-after one warm-up call.
+FID images/s (``module.sample`` with 75 steps of the backbone's sampler and guidance 4, then features in
+``FidelityMetrics``), each after one warm-up call. PixArt-Σ's T5-XXL is frozen and fp32 by default, as the project
+holds it (19 GB; ``--text-encoder-weights bf16`` halves it and allows the frozen variant only); the learnable
+variant trains it in full, which needs ~100 GiB of fixed state (``bench/training_memory.py --backbone pixart``): an
+H200, not an 80 GB GPU.
 
 Every phase runs on --device (default: CUDA when there is one). Lightning's own strategy teardown moves the module
 and its optimizer state to the CPU at the end of every ``Trainer.fit``, out-of-memory included, so from the second
@@ -31,8 +38,10 @@ hardware TFLOP/s and HFU those the device executes (gradient checkpointing's rec
 counted on the meta device (``real_shape_rehearsal.meta_training_flops``) and divided by the end-to-end time and
 the GPU's dense bf16 peak (``sd2_shape.BF16_DENSE_PEAK``, by device name, or --peak-tflops).
 
-Anchor: MosaicML trained SD-2 at 512 px on precomputed latents at about 36 images/s per A100; the goal here is at
-least 100 images/s per H100/H200. Time budget: the default run on one H100 is meant to end within 8 minutes
+Anchor (SD-2 only): MosaicML trained SD-2 at 512 px on precomputed latents at about 36 images/s per A100; the goal
+here is at least 100 images/s per H100/H200. PixArt-Σ has no published fine-tuning throughput to anchor on; its
+step costs ~2.7x SD-2's FLOPs (T5-XXL encodes 300 tokens per caption every step: text features are not cached
+here). Time budget: the default run on one H100 is meant to end within 8 minutes for SD-2, 9 for PixArt-Σ
 (``PHASE_BUDGET_S``, from the FLOP counts: the rehearsal has not run on a GPU yet); each phase prints its time.
 """
 
@@ -70,7 +79,6 @@ Result = TypeVar("Result")
 ANCHOR_IMAGES_PER_S = 36.0  # MosaicML, SD-2 at 512 px with precomputed latents, per A100
 GOAL_IMAGES_PER_S = 100.0  # per H100/H200
 FULL = {
-    "shape": sd2_shape.SD2,
     "resolution": 512,
     "max_batch_size": 1024,
     "steps": 5,
@@ -81,7 +89,6 @@ FULL = {
     "search_budget_s": 180.0,
 }
 QUICK = FULL | {
-    "shape": sd2_shape.TINY,
     "resolution": 64,
     "max_batch_size": 4,
     "steps": 2,
@@ -91,30 +98,42 @@ QUICK = FULL | {
     "fid_steps": 2,
     "search_budget_s": 600.0,
 }
-# Seconds per phase of the default run on one H100 (8 minutes in all, imports included). Set-up: the random SD-2
-# is built on the CPU and written as a 5.2 GB diffusers folder, then loaded. Batch search: bf16 peak x ~40 % gives
-# ~0.1 s per batch-16 step (2.45 TFLOP per image); Trainer start-up and AdamW's first allocation dominate.
-# Grounding: 8 pairs x 33 TFLOP; FID: 8 images x 123 TFLOP (the meta counts in docs/results.md).
+# Seconds per phase of the default run on one H100 (imports included: 8 minutes for SD-2, 9 for PixArt-Σ). Set-up:
+# the random model is built on the CPU and written as a diffusers folder, then loaded: 5.2 GB for SD-2, 21.9 GB
+# for PixArt-Σ (T5-XXL 19.0 GB in fp32). Batch search: bf16 peak x ~40 % gives ~0.1 s per batch-16 SD-2 step (2.45
+# TFLOP per image; PixArt-Σ 6.7 with T5-XXL's 2.8 per caption); Trainer start-up and AdamW's first allocation
+# dominate. Grounding: 8 pairs x 33 / 55 TFLOP; FID: 8 images x 123 / 201 TFLOP (SD-2 / PixArt-Σ; the meta counts
+# of real_shape_rehearsal.py).
 PHASE_BUDGET_S = {
-    "set-up": 120.0,
-    "FLOP count": 30.0,
-    "batch search": FULL["search_budget_s"],
-    "grounding": 45.0,
-    "FID": 60.0,
+    "unet": {
+        "set-up": 120.0,
+        "FLOP count": 30.0,
+        "batch search": FULL["search_budget_s"],
+        "grounding": 45.0,
+        "FID": 60.0,
+    },
+    "pixart": {"set-up": 210.0, "FLOP count": 60.0, "batch search": 120.0, "grounding": 45.0, "FID": 60.0},
 }
-TOTAL_BUDGET_S = 480.0
+TOTAL_BUDGET_S = {"unet": 480.0, "pixart": 540.0}
 GIB = 2**30
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", choices=sorted(rehearsal.BACKBONES), default="unet", help="SD-2 or PixArt-Σ")
     parser.add_argument("--quick", action="store_true", help=f"tiny widths, real structure, CPU is fine: {QUICK}")
+    parser.add_argument(
+        "--text-encoder-weights",
+        choices=sorted(rehearsal.TEXT_ENCODER_WEIGHTS),
+        default="fp32",
+        help="dtype the text encoder is stored and run in (bf16: PixArt's T5-XXL in half the memory, frozen variant)",
+    )
     add_device_argument(parser)
     parser.add_argument("--resolution", type=int, help=f"image side in px (default {FULL['resolution']})")
     parser.add_argument("--max-batch-size", type=int, help="stop doubling here (default: until out of memory)")
     parser.add_argument("--steps", type=int, help=f"timed steps per batch size (default {FULL['steps']})")
     parser.add_argument("--warmup-steps", type=int, help=f"untimed steps first (default {FULL['warmup_steps']})")
-    parser.add_argument("--variant", choices=sorted(sd2_shape.VARIANTS), default="frozen")
+    parser.add_argument("--variant", choices=sorted(sd2_shape.VARIANTS), default="frozen", help="frozen, learnable")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     parser.add_argument("--grounding-pairs", type=int, help=f"pairs in one grounding batch ({FULL['grounding_pairs']})")
     parser.add_argument("--fid-images", type=int, help=f"images in one FID generation batch ({FULL['fid_images']})")
@@ -126,9 +145,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    args.shape = preset["shape"]
+    if args.backbone == "pixart" and not args.quick:
+        preset = preset | {"search_budget_s": PHASE_BUDGET_S["pixart"]["batch search"]}
     sizes = ("resolution", "max_batch_size", "steps", "warmup_steps", "grounding_pairs", "fid_images", "fid_steps")
     fill_from_preset(args, preset, [*sizes, "search_budget_s"])
+    if args.text_encoder_weights != "fp32" and (args.backbone != "pixart" or args.variant != "frozen"):
+        parser.error("--text-encoder-weights bf16 is for --backbone pixart with the frozen variant")
+    dtype = rehearsal.TEXT_ENCODER_WEIGHTS[args.text_encoder_weights]
+    args.model = rehearsal.rehearsed_model(args.backbone, args.quick, dtype)
     if min(getattr(args, key) for key in sizes) < 1:
         parser.error("sizes and step counts must be at least 1")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
@@ -214,9 +238,9 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def cached_latent_loader(count: int, batch_size: int, resolution: int) -> DataLoader:
+def cached_latent_loader(count: int, batch_size: int, resolution: int, latent_scale: float) -> DataLoader:
     """``count`` batches of cached posteriors in host memory, one sample per item, collated every step."""
-    batches = rehearsal.training_batches(count, batch_size, resolution, cached_latents=True)
+    batches = rehearsal.training_batches(count, batch_size, resolution, cached_latents=True, latent_scale=latent_scale)
     samples = [
         {"latent_moments": moments, "caption": caption}
         for batch in batches
@@ -234,7 +258,8 @@ def training_throughput(
     memory.reset()
     step_clock, window = StepClock(), SteadyStateClock(args.warmup_steps)
     trainer = lightning_trainer(cfg, args.warmup_steps + args.steps, [step_clock, window], KeepOnDevice(device))
-    loader = cached_latent_loader(args.warmup_steps + args.steps, batch_size, args.resolution)
+    scale = module.vae.config.scaling_factor
+    loader = cached_latent_loader(args.warmup_steps + args.steps, batch_size, args.resolution, scale)
     start, fitted = clock(device), True
     try:
         trainer.fit(module, train_dataloaders=loader)
@@ -273,7 +298,7 @@ def doubling_batch_sizes(
 def training_flops_per_image(args: argparse.Namespace) -> tuple[int, int]:
     """(model, hardware) FLOPs of one image's training step: without recomputation, and as executed (gradient
     checkpointing recomputes each checkpointed block's forward)."""
-    count = partial(rehearsal.meta_training_flops, args.shape, args.resolution, 1, args.variant, cached_latents=True)
+    count = partial(rehearsal.meta_training_flops, args.model, args.resolution, 1, args.variant, cached_latents=True)
     model = count(checkpointing=False)
     return model, count(checkpointing=True) if args.gradient_checkpointing else model
 
@@ -301,11 +326,13 @@ class PhaseTime:
     budget_s: float
 
 
-def timed_phase(phases: list[PhaseTime], name: str, device: torch.device, run: Callable[[], Result]) -> Result:
+def timed_phase(
+    phases: list[PhaseTime], name: str, device: torch.device, run: Callable[[], Result], budgets: dict[str, float]
+) -> Result:
     """``run()``, its wall time kept for the table and said at once (stderr), so an interrupted run leaves it."""
     start = clock(device)
     result = run()
-    phases.append(PhaseTime(name, clock(device) - start, PHASE_BUDGET_S[name]))
+    phases.append(PhaseTime(name, clock(device) - start, budgets[name]))
     print(f"[done] {name}: {phases[-1].seconds:.1f} s", file=sys.stderr, flush=True)
     return result
 
@@ -334,10 +361,10 @@ def throughput_table(results: list[BatchResult], model_flops: int, hardware_flop
     return "\n".join(lines)
 
 
-def phase_table(phases: list[PhaseTime]) -> str:
+def phase_table(phases: list[PhaseTime], total_budget_s: float) -> str:
     lines = ["| phase | seconds | budget s (default run, one H100) |", "|---|---:|---:|"]
     lines += [f"| {phase.name} | {phase.seconds:.1f} | {phase.budget_s:.0f} |" for phase in phases]
-    lines.append(f"| total | {sum(p.seconds for p in phases):.1f} | {TOTAL_BUDGET_S:.0f} (imports included) |")
+    lines.append(f"| total | {sum(p.seconds for p in phases):.1f} | {total_budget_s:.0f} (imports included) |")
     return "\n".join(lines)
 
 
@@ -350,41 +377,43 @@ class Measured:
     grounding: tuple[float, int]  # seconds, peak bytes
     fid: tuple[float, int]
     phases: list[PhaseTime]
+    sampler: str  # the backbone's, which the FID generation ran
 
 
 def rehearse(args: argparse.Namespace, device: torch.device) -> Measured:
     """Every phase on ``device``: set-up, FLOP count, batch search, grounding, FID."""
     phases: list[PhaseTime] = []
-    with tempfile.TemporaryDirectory(prefix="sd2-shape-") as scratch:
+    family, budgets = args.model.family, PHASE_BUDGET_S[args.backbone]
+    with tempfile.TemporaryDirectory(prefix=f"{args.backbone}-shape-") as scratch:
 
         def set_up() -> tuple[LatentDiffusionModule, object, torch.nn.Module]:
-            parts = sd2_shape.build_parts(args.shape, args.resolution)
-            folder = sd2_shape.write_pipeline(parts, Path(scratch) / "p")
+            parts = args.model.build_parts(args.resolution)
+            folder = family.write_pipeline(parts, Path(scratch) / "p")
             del parts
             overrides = sd2_shape.config_overrides(folder, args.resolution, 1, args.gradient_checkpointing)
             accelerator = "gpu" if device.type == "cuda" else "cpu"
-            module, cfg = sd2_shape.load_module(
-                folder, args.variant, [*overrides, f"trainer.accelerator={accelerator}"]
-            )
+            module, cfg = family.load_module(folder, args.variant, [*overrides, f"trainer.accelerator={accelerator}"])
             extractor = rehearsal.random_domain_extractor(Path(scratch) / "domain")
             return module.to(device), cfg, extractor.to(device)
 
-        module, cfg, extractor = timed_phase(phases, "set-up", device, set_up)
+        module, cfg, extractor = timed_phase(phases, "set-up", device, set_up, budgets)
         print(
-            f"model: {args.shape.name}, random weights, variant {args.variant} (trains "
-            f"{'+'.join(module.trainable)}), {args.resolution} px, bf16-mixed, cached latents, gradient "
+            f"model: {args.model.shape.name}, random weights, variant {args.variant} (trains "
+            f"{'+'.join(module.trainable)}), text encoder weights {rehearsal.text_encoder_weights(module)}, "
+            f"{args.resolution} px, bf16-mixed, cached latents, gradient "
             f"checkpointing {'on' if args.gradient_checkpointing else 'off'}; device: {device_name(device)}, every "
             f"phase on {device}; memory: {PeakMemory(device).what}",
             flush=True,
         )
-        model_flops, hardware_flops = timed_phase(phases, "FLOP count", device, partial(training_flops_per_image, args))
+        flops = partial(training_flops_per_image, args)
+        model_flops, hardware_flops = timed_phase(phases, "FLOP count", device, flops, budgets)
 
         def one_batch_size(batch_size: int) -> BatchResult:
             measure = partial(training_throughput, module, cfg, device, args, batch_size)
             return on_device(f"batch {batch_size}", device, [module], measure)
 
         search = partial(doubling_batch_sizes, one_batch_size, args.max_batch_size, args.search_budget_s)
-        results, stop = timed_phase(phases, "batch search", device, search)
+        results, stop = timed_phase(phases, "batch search", device, search, budgets)
 
         module.eval()
         grounding = partial(
@@ -406,9 +435,10 @@ def rehearse(args: argparse.Namespace, device: torch.device) -> Measured:
             stop,
             model_flops,
             hardware_flops,
-            timed_phase(phases, "grounding", device, grounded),
-            timed_phase(phases, "FID", device, scored),
+            timed_phase(phases, "grounding", device, grounded, budgets),
+            timed_phase(phases, "FID", device, scored, budgets),
             phases,
+            rehearsal.sampler_name(module),
         )
 
 
@@ -442,15 +472,21 @@ def report(args: argparse.Namespace, name: str, peak: tuple[str, float] | None, 
         f"\ngrounding: {grounding_seconds / args.grounding_pairs:.3f} s per pair ({args.grounding_pairs} pairs in one "
         f"batch, N={rehearsal.GROUNDING.num_inference_steps}, K={rehearsal.GROUNDING.last_k_steps}, metrics "
         f"included; {grounding_peak / GIB:.2f} GiB peak)"
-        f"\nFID: {args.fid_images / fid_seconds:.3f} images/s ({args.fid_images} images, {args.fid_steps} DDIM steps, "
-        f"guidance {rehearsal.PAPER['guidance']:g}, domain extractor; {fid_peak / GIB:.2f} GiB peak)"
-        f"\nanchor: MosaicML SD-2 512 px, precomputed latents: {ANCHOR_IMAGES_PER_S:.0f} images/s per A100; "
-        f"ours (end to end) / anchor = {rate / ANCHOR_IMAGES_PER_S:.3f}"
-        f"\ngoal: >= {GOAL_IMAGES_PER_S:.0f} images/s per H100/H200; ours (end to end) / goal = "
-        f"{rate / GOAL_IMAGES_PER_S:.3f}"
+        f"\nFID: {args.fid_images / fid_seconds:.3f} images/s ({args.fid_images} images, {args.fid_steps} "
+        f"{measured.sampler} steps, guidance {rehearsal.PAPER['guidance']:g}, domain extractor; "
+        f"{fid_peak / GIB:.2f} GiB peak)"
     )
+    if args.backbone == "unet":
+        print(
+            f"anchor: MosaicML SD-2 512 px, precomputed latents: {ANCHOR_IMAGES_PER_S:.0f} images/s per A100; "
+            f"ours (end to end) / anchor = {rate / ANCHOR_IMAGES_PER_S:.3f}"
+            f"\ngoal: >= {GOAL_IMAGES_PER_S:.0f} images/s per H100/H200; ours (end to end) / goal = "
+            f"{rate / GOAL_IMAGES_PER_S:.3f}"
+        )
+    else:
+        print("anchor: none (no published PixArt-Σ fine-tuning throughput); goal: none set")
     print("\n## Time per phase\n")
-    print(phase_table(measured.phases))
+    print(phase_table(measured.phases, TOTAL_BUDGET_S[args.backbone]))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

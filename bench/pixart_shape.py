@@ -19,10 +19,18 @@ Published parameter counts, matched exactly by what is built here (``tests/test_
   shows it as 4.76B.
 - SDXL VAE 83,653,863: the SD VAE's architecture (``sd2_shape.SD2_VAE``), 335 MB in fp32 in the PixArt folder.
 
+The project's own code then takes over, as for SD-2: ``write_pipeline`` saves a diffusers ``PixArtSigmaPipeline``
+folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/) and ``load_module`` builds the
+module with ``LatentDiffusionModule.from_config`` from the PixArt-Σ preset and a variant preset, as ``train.py``
+would; ``meta_module`` is the same module on the meta device, for FLOP counts.
+
 Deliberate differences from the published folders: random weights; the tokenizer is a tiny offline T5-style
 Unigram tokenizer (``bench/offline_tokenizer.py``) instead of T5's 32,100-piece SentencePiece model, while the real
 shape's embedding keeps all 32,128 rows so that the parameter count is T5-XXL's; ``use_additional_conditions`` is
-written as false (the 512 px config leaves it out and diffusers derives false from ``sample_size`` 64).
+written as false (the 512 px config leaves it out and diffusers derives false from ``sample_size`` 64);
+``sample_size`` follows the resolution built for (64 at 512 px, as published); and ``Shape.text_encoder_dtype`` may
+store the text encoder in bf16 (9.5 GB for T5-XXL instead of 19 GB: the only way a frozen T5-XXL fits beside the
+transformer's training state in this machine's 24 GB; transformers loads a folder in the dtype it was saved in).
 """
 
 from __future__ import annotations
@@ -32,13 +40,33 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from unittest.mock import patch
 
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
-from sd2_shape import SD2_VAE, VAE_FACTOR
-from transformers import T5Config, T5EncoderModel
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+)
+from offline_tokenizer import build_t5_style_unigram
+from omegaconf import DictConfig
+from sd2_shape import SD2_VAE, TOKENIZER_TEXT, VAE_FACTOR
+from transformers import T5Config, T5EncoderModel, masking_utils
+
+from configs import load_config
+from lightning_modules.backbones.pixart import PixArtBackbone
+from lightning_modules.components import DiffusionParts
+from lightning_modules.latent_diffusion import LatentDiffusionModule
 
 PIXART_PRESET = "experiment/pixart_sigma"
+VARIANTS = {"frozen": "experiment/pixart_frozen_text_encoder", "learnable": "experiment/pixart_learnable_text_encoder"}
 TOKENS = 300  # PixArt-Σ's caption length: model_max_length of its configs, PixArtSigmaPipeline's max_sequence_length
 PATCH = 2
 
@@ -123,6 +151,7 @@ class Shape:
     vae_width_divisor: int = 1
     norm_num_groups: int = 32  # the VAE's
     full_vocabulary: bool = True  # False: the embedding table is only as large as the offline tokenizer
+    text_encoder_dtype: torch.dtype = torch.float32  # of its stored weights (bf16: half the memory, frozen only)
 
     def transformer_config(self, resolution: int) -> dict:
         width = SIGMA_TRANSFORMER["num_attention_heads"] * self.head_dim
@@ -185,7 +214,8 @@ def build_transformer(shape: Shape, resolution: int) -> PixArtTransformer2DModel
 
 
 def build_text_encoder(shape: Shape, tokenizer_size: int) -> T5EncoderModel:
-    return T5EncoderModel(shape.text_encoder_config(tokenizer_size))
+    """Initialised in ``shape.text_encoder_dtype`` directly: a T5-XXL never exists in fp32 when bf16 is asked."""
+    return T5EncoderModel._from_config(shape.text_encoder_config(tokenizer_size), dtype=shape.text_encoder_dtype)
 
 
 def build_vae(shape: Shape, resolution: int) -> AutoencoderKL:
@@ -194,3 +224,82 @@ def build_vae(shape: Shape, resolution: int) -> AutoencoderKL:
 
 def build_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**SIGMA_SCHEDULER)
+
+
+def build_parts(shape: Shape, resolution: int, seed: int = 0) -> DiffusionParts:
+    """Randomly initialised parts of ``shape`` for ``resolution`` px images (under ``torch.device('meta')``: free).
+    The training schedule is the published scheduler's config read by a ``DDPMScheduler``, as the project loads it."""
+    torch.manual_seed(seed)
+    tokenizer = build_t5_style_unigram(TOKENIZER_TEXT * 3, model_max_length=TOKENS)
+    text_encoder = build_text_encoder(shape, len(tokenizer))
+    text_encoder.config.use_attention_mask = True  # as the project loads it: PixArtSigmaPipeline always masks
+    with torch.device("cpu"):  # a table, not a weight: on the CPU as the project builds it, also for a meta module
+        noise_scheduler = DDPMScheduler.from_config(SIGMA_SCHEDULER)
+    return DiffusionParts(
+        backbone=PixArtBackbone(),
+        denoiser=build_transformer(shape, resolution),
+        vae=build_vae(shape, resolution),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+    )
+
+
+def write_pipeline(parts: DiffusionParts, folder: Path) -> Path:
+    """A diffusers PixArtSigmaPipeline folder with the published scheduler, the layout ``model.pretrained`` expects."""
+    PixArtSigmaPipeline(
+        tokenizer=parts.tokenizer,
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        transformer=parts.denoiser,
+        scheduler=build_scheduler(),
+    ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def load_module(folder: Path, variant: str, overrides: Sequence[str]) -> tuple[LatentDiffusionModule, object]:
+    """The module and config ``train.py --config experiment/pixart_sigma --config <variant>`` builds."""
+    cfg = load_config([PIXART_PRESET, VARIANTS[variant]], list(overrides))
+    return LatentDiffusionModule.from_config(cfg), cfg
+
+
+@cache
+def variant_config(variant: str) -> DictConfig:
+    """The PixArt-Σ preset with a variant, without a folder (read once: FLOP counts build many meta modules)."""
+    return load_config([PIXART_PRESET, VARIANTS[variant]], ["model.pretrained=unused"])
+
+
+def trained_parts(variant: str) -> list[str]:
+    return list(variant_config(variant).model.trainable)
+
+
+def meta_module(shape: Shape, resolution: int, variant: str, gradient_checkpointing: bool) -> LatentDiffusionModule:
+    """The same module on the meta device: no memory, no arithmetic; FLOPs at any resolution in seconds."""
+    with torch.device("meta"):
+        parts = build_parts(shape, resolution)
+    cfg = variant_config(variant)
+    with meta_padding_masks():  # the module's start-up probe runs a trained text encoder
+        module = LatentDiffusionModule(
+            parts,
+            trainable=list(cfg.model.trainable),
+            learning_rates=dict(cfg.train.learning_rate),
+            use_ema=False,
+            gradient_checkpointing=gradient_checkpointing,
+            text_feature_cache_size=0,
+        )
+    return module.to("meta")
+
+
+@contextmanager
+def meta_padding_masks() -> Iterator[None]:
+    """transformers drops a padding mask that masks nothing after reading it (``mask.all()``: T5 under SDPA), which a
+    meta tensor cannot answer; on meta the mask is kept, as in the real runs, whose captions are padded."""
+    can_skip = masking_utils._ignore_bidirectional_mask_sdpa
+
+    def skip(padding_mask: torch.Tensor | None, *args, **kwargs) -> bool:
+        if padding_mask is not None and padding_mask.is_meta:
+            return False
+        return can_skip(padding_mask, *args, **kwargs)
+
+    with patch.object(masking_utils, "_ignore_bidirectional_mask_sdpa", skip):
+        yield

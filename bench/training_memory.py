@@ -6,8 +6,9 @@ trained parameter an fp32 gradient, AdamW's two fp32 moments and the fp32 EMA co
 are counted exactly, from the published configurations built on the meta device (no memory, nothing downloaded):
 SD-2 base from ``bench/sd2_shape.py``, its trained parameters those the project's module trains
 (``LatentDiffusionModule.trainable_parameters``) for each paper variant; PixArt-Σ 512 from
-``bench/pixart_shape.py`` (transformer 610.9 M, T5-XXL encoder 4,762.3 M, SDXL VAE 83.7 M), trained parts as in
-the paper's variants (frozen: the transformer; learnable: the transformer and the text encoder). For PixArt the
+``bench/pixart_shape.py`` (transformer 610.9 M, T5-XXL encoder 4,762.3 M, SDXL VAE 83.7 M), trained parts those of
+its variant presets (``experiment/pixart_frozen_text_encoder``: the transformer; ``..._learnable_...``: the
+transformer and the text encoder). For PixArt the
 frozen parts' weights are counted both in fp32 (as the project holds them) and in bf16 (half: what a frozen
 T5-XXL would take if cast, as PixArt's own training loads it). Activations come on top: bf16 under
 ``bf16-mixed``, growing with the per-GPU batch and resolution; gradient checkpointing keeps only block inputs
@@ -34,7 +35,6 @@ H200_BYTES = 141e9  # NVIDIA H200: 141 GB of HBM3e
 WEIGHT_BYTES = 4  # fp32 weights (bf16-mixed keeps fp32 master weights; autocast casts per layer)
 PER_TRAINED_BYTES = {"gradients": 4, "adamw_moments": 8, "ema": 4}
 FROZEN_WEIGHT_BYTES = {"fp32": 4, "bf16": 2}
-PIXART_TRAINED = {"frozen": ["transformer"], "learnable": ["transformer", "text_encoder"]}
 GIB = 2**30
 LABELS = {"unet": "UNet", "transformer": "transformer", "text_encoder": "text encoder", "vae": "VAE"}
 
@@ -78,8 +78,9 @@ def pixart_rows(shape: pixart_shape.Shape) -> list[dict]:
         }
     parameters = {name: sd2_shape.parameter_count(part) for name, part in parts.items()}
     return [
-        row(variant, trained_parts, parameters, sum(parameters[name] for name in trained_parts), frozen_weights)
-        for variant, trained_parts in PIXART_TRAINED.items()
+        row(variant, trained, parameters, sum(parameters[name] for name in trained), frozen_weights)
+        for variant in pixart_shape.VARIANTS
+        for trained in [pixart_shape.trained_parts(variant)]
         for frozen_weights in FROZEN_WEIGHT_BYTES
     ]
 

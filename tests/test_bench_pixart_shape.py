@@ -1,9 +1,12 @@
 """bench/pixart_shape.py, PixArt-Σ 512 from its published configuration (a helper, not a script): built on the meta
 device, each part has exactly its published parameter count, and the transformer's safetensors file would be the
-published one to the byte; the tiny shape keeps the structure."""
+published one to the byte; the tiny shape keeps the structure, and its parts go through write_pipeline (a folder
+diffusers' PixArtSigmaPipeline loads) and load_module into the module the PixArt-Σ preset builds, weights
+unchanged."""
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import pixart_shape  # noqa: E402
+import sd2_shape  # noqa: E402
+from diffusers import PixArtSigmaPipeline  # noqa: E402
 from pixart_shape import SIGMA, TINY  # noqa: E402
 
 
@@ -92,3 +97,41 @@ def test_tiny_shape_keeps_the_structure(sigma_parts):
     assert parameter_count(tiny["transformer"]) < 1e6 and parameter_count(tiny["text_encoder"]) < 1e5
     with pytest.raises(ValueError, match="multiple of 16"):
         pixart_shape.build_transformer(TINY, 72)
+
+
+def test_tiny_parts_load_as_the_pixart_sigma_preset_module_with_their_weights(tmp_path):
+    parts = pixart_shape.build_parts(TINY, 64)
+    folder = pixart_shape.write_pipeline(parts, tmp_path / "pipeline")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "PixArtSigmaPipeline"
+    assert index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"]
+    reference = PixArtSigmaPipeline.from_pretrained(folder, local_files_only=True)  # diffusers' own loader
+    assert type(reference.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert (reference.scheduler.config.beta_schedule, reference.scheduler.config.beta_end) == ("linear", 0.02)
+    overrides = [*sd2_shape.config_overrides(folder, 64, 2, False), "trainer.accelerator=cpu"]
+    module, cfg = pixart_shape.load_module(folder, "learnable", overrides)
+    assert module.backbone.name == "pixart" and cfg.data.resolution == 64
+    assert list(cfg.model.trainable) == pixart_shape.trained_parts("learnable") == ["transformer", "text_encoder"]
+    assert module.tokenizer.model_max_length == pixart_shape.TOKENS == 300
+    assert module.text_encoder.config.use_attention_mask  # PixArtSigmaPipeline always passes the padding mask
+    assert torch.equal(module.noise_scheduler.betas, reference.scheduler.betas)
+    assert torch.equal(module.noise_scheduler.betas, parts.noise_scheduler.betas)
+    for name, written in (("transformer", parts.denoiser), ("vae", parts.vae), ("text_encoder", parts.text_encoder)):
+        written, loaded = written.state_dict(), getattr(module, name).state_dict()
+        assert written.keys() == loaded.keys(), name
+        assert all(torch.equal(written[key], loaded[key]) for key in written), name
+        assert all(torch.equal(written[key], getattr(reference, name).state_dict()[key]) for key in written), name
+
+
+def test_a_bf16_text_encoder_is_built_saved_and_loaded_in_bf16(tmp_path):
+    """How the full CPU rehearsal keeps T5-XXL at 9.5 GB: built in bf16 (never in fp32), loaded as saved."""
+    shape = replace(TINY, text_encoder_dtype=torch.bfloat16)
+    with torch.device("meta"):
+        full = pixart_shape.build_text_encoder(replace(SIGMA, text_encoder_dtype=torch.bfloat16), tokenizer_size=100)
+    assert {p.dtype for p in full.parameters()} == {torch.bfloat16}
+    folder = pixart_shape.write_pipeline(pixart_shape.build_parts(shape, 64), tmp_path / "pipeline")
+    overrides = [*sd2_shape.config_overrides(folder, 64, 2, False), "trainer.accelerator=cpu"]
+    module, _ = pixart_shape.load_module(folder, "frozen", overrides)
+    assert {p.dtype for p in module.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.transformer.parameters()} == {torch.float32}
