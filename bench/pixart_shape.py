@@ -57,7 +57,7 @@ from diffusers import (
 )
 from offline_tokenizer import build_t5_style_unigram
 from omegaconf import DictConfig
-from sd2_shape import SD2_VAE, TOKENIZER_TEXT, VAE_FACTOR
+from sd2_shape import SD2_VAE, TOKENIZER_TEXT, VAE_FACTOR, module_on_meta
 from transformers import T5Config, T5EncoderModel, masking_utils
 
 from configs import load_config
@@ -275,19 +275,8 @@ def trained_parts(variant: str) -> list[str]:
 
 def meta_module(shape: Shape, resolution: int, variant: str, gradient_checkpointing: bool) -> LatentDiffusionModule:
     """The same module on the meta device: no memory, no arithmetic; FLOPs at any resolution in seconds."""
-    with torch.device("meta"):
-        parts = build_parts(shape, resolution)
-    cfg = variant_config(variant)
     with meta_padding_masks():  # the module's start-up probe runs a trained text encoder
-        module = LatentDiffusionModule(
-            parts,
-            trainable=list(cfg.model.trainable),
-            learning_rates=dict(cfg.train.learning_rate),
-            use_ema=False,
-            gradient_checkpointing=gradient_checkpointing,
-            text_feature_cache_size=0,
-        )
-    return module.to("meta")
+        return module_on_meta(lambda: build_parts(shape, resolution), variant_config(variant), gradient_checkpointing)
 
 
 @contextmanager

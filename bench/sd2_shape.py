@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from offline_tokenizer import build_byte_level_bpe
+from omegaconf import DictConfig
 from train_throughput import quiet_lightning
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
@@ -207,9 +208,16 @@ def trained_parts(variant: str) -> list[str]:
 
 def meta_module(shape: Shape, resolution: int, variant: str, gradient_checkpointing: bool) -> LatentDiffusionModule:
     """The same module on the meta device: no memory, no arithmetic; FLOPs at any resolution in seconds."""
-    with torch.device("meta"):
-        parts = build_parts(shape, resolution)
     cfg = load_config([SD2_PRESET, VARIANTS[variant]], ["model.pretrained=unused"])
+    return module_on_meta(lambda: build_parts(shape, resolution), cfg, gradient_checkpointing)
+
+
+def module_on_meta(
+    build: Callable[[], DiffusionParts], cfg: DictConfig, gradient_checkpointing: bool
+) -> LatentDiffusionModule:
+    """The module of ``build()``'s parts with ``cfg``'s trained parts and rates, built on the meta device."""
+    with torch.device("meta"):
+        parts = build()
     module = LatentDiffusionModule(
         parts,
         trainable=list(cfg.model.trainable),
