@@ -52,12 +52,12 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
-    PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
 from offline_tokenizer import build_t5_style_unigram
 from omegaconf import DictConfig
 from sd2_shape import SD2_VAE, TOKENIZER_TEXT, VAE_FACTOR, module_on_meta
+from sd2_shape import write_pipeline as sd2_write_pipeline
 from transformers import T5Config, T5EncoderModel, masking_utils
 
 from configs import load_config
@@ -247,14 +247,7 @@ def build_parts(shape: Shape, resolution: int, seed: int = 0) -> DiffusionParts:
 
 def write_pipeline(parts: DiffusionParts, folder: Path) -> Path:
     """A diffusers PixArtSigmaPipeline folder with the published scheduler, the layout ``model.pretrained`` expects."""
-    PixArtSigmaPipeline(
-        tokenizer=parts.tokenizer,
-        text_encoder=parts.text_encoder,
-        vae=parts.vae,
-        transformer=parts.denoiser,
-        scheduler=build_scheduler(),
-    ).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return sd2_write_pipeline(parts, folder, build_scheduler())
 
 
 def load_module(folder: Path, variant: str, overrides: Sequence[str]) -> tuple[LatentDiffusionModule, object]:

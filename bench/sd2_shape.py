@@ -28,7 +28,7 @@ from unittest.mock import patch
 
 import lightning as L
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from offline_tokenizer import build_byte_level_bpe
 from omegaconf import DictConfig
 from train_throughput import quiet_lightning
@@ -170,18 +170,11 @@ def build_parts(shape: Shape, resolution: int, seed: int = 0) -> DiffusionParts:
     )
 
 
-def write_pipeline(parts: DiffusionParts, folder: Path) -> Path:
-    """A diffusers StableDiffusionPipeline folder, the layout ``model.pretrained`` expects."""
-    StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.denoiser,
-        scheduler=parts.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder, safe_serialization=True)
+def write_pipeline(parts: DiffusionParts, folder: Path, scheduler: SchedulerMixin | None = None) -> Path:
+    """The parts' backbone's diffusers pipeline folder (StableDiffusionPipeline for SD-2), the layout
+    ``model.pretrained`` expects; ``scheduler`` (default: the parts' noise schedule) is the one the folder ships."""
+    pipeline = parts.backbone.pipeline(parts.denoiser, parts, scheduler or parts.noise_scheduler)
+    pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -127,34 +127,27 @@ def backbones() -> dict[str, Backbone]:
     return {backbone.name: backbone() for backbone in Backbone.__subclasses__()}
 
 
-def denoiser_parts() -> tuple[str, ...]:
-    """Every backbone's denoiser part name (``unet``, ``transformer``)."""
-    return tuple(dict.fromkeys(backbone.part for backbone in backbones().values()))
-
-
 def backbone_named(name: str | None, pipeline_folder: Path | None) -> Backbone:
     """``model.backbone``, or (null) the one whose denoiser a pipeline folder holds; the UNet without a folder."""
     known = backbones()
+    if name is not None and name not in known:
+        raise ConfigError(f"model.backbone must be null (detected) or one of {sorted(known)}, got '{name}'")
+    detected = None if pipeline_folder is None else detected_backbone(pipeline_folder, known)
     if name is not None:
-        if name not in known:
-            raise ConfigError(f"model.backbone must be null (detected) or one of {sorted(known)}, got '{name}'")
-        chosen = known[name]
-        if pipeline_folder is not None and detected_backbone(pipeline_folder, known) not in (None, chosen):
+        if detected not in (None, known[name]):
             raise ConfigError(
-                f"model.backbone={name} but {pipeline_folder} holds a "
-                f"{detected_backbone(pipeline_folder, known).name} pipeline; set model.backbone=null to follow it"
+                f"model.backbone={name} but {pipeline_folder} holds a {detected.name} pipeline; set "
+                "model.backbone=null to follow it"
             )
-        return chosen
-    if pipeline_folder is not None:
-        detected = detected_backbone(pipeline_folder, known)
-        if detected is None:
-            raise ConfigError(
-                f"{pipeline_folder} holds no known denoiser (a <part>/config.json of "
-                f"{sorted(backbone.model_class.__name__ for backbone in known.values())}); set "
-                "model.backbone"
-            )
-        return detected
-    return known["unet"]
+        return known[name]
+    if pipeline_folder is None:
+        return known["unet"]
+    if detected is None:
+        raise ConfigError(
+            f"{pipeline_folder} holds no known denoiser (a <part>/config.json of "
+            f"{sorted(backbone.model_class.__name__ for backbone in known.values())}); set model.backbone"
+        )
+    return detected
 
 
 def detected_backbone(folder: Path, known: dict[str, Backbone]) -> Backbone | None:
